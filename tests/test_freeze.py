@@ -8,7 +8,7 @@ import torch
 from nanochat.common import NanochatError
 from nanochat.freeze import FrozenRows, resolve_freeze_index
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import SPECIAL_TOKENS, CharTokenizer
+from nanochat.tokenizer import CharTokenizer
 
 VOCAB = 100
 FREEZE = 60
@@ -97,9 +97,12 @@ def test_freeze_index_above_vocab_size_is_an_error_not_a_clamp():
 def test_default_freeze_index_is_the_original_vocab_size_of_an_extended_tokenizer():
     base = CharTokenizer.train_from_iterator(["abcdef"])
     assert resolve_freeze_index(None, base) == 0  # never extended: nothing frozen by default
-    chars = list("abcdefgh")  # two new characters appended after the original vocabulary
-    specials = {name: len(chars) + i for i, name in enumerate(["<|unk|>"] + SPECIAL_TOKENS)}
-    extended = CharTokenizer(chars, specials, parent_fingerprint=base.fingerprint,
-                             original_vocab_size=base.get_vocab_size())
-    assert resolve_freeze_index(None, extended) == base.get_vocab_size()
+    # an extension appends two new characters after every existing id (nothing renumbered)
+    V0 = base.get_vocab_size()
+    id_to_char = dict(base.id_to_char)
+    id_to_char.update({V0: "g", V0 + 1: "h"})
+    extended = CharTokenizer(id_to_char, base.special_tokens, parent_fingerprint=base.fingerprint,
+                             original_vocab_size=V0)
+    assert extended.get_vocab_size() == V0 + 2
+    assert resolve_freeze_index(None, extended) == V0
     assert resolve_freeze_index(0, extended) == 0  # 0 turns the default off
