@@ -376,27 +376,30 @@ class RustBPETokenizer(_TokenizerBase):
 # Character-level: one id per character of the training corpus.
 
 class CharTokenizer(_TokenizerBase):
-    """Ids: the corpus's characters in sorted order, then <|unk|>, then the 9 special tokens (plus any
-    added later by scripts.tok_extend). Unknown characters encode to <|unk|>, which decodes to U+FFFD."""
+    """Ids: the corpus's characters in sorted order, then <|unk|>, then the 9 special tokens; characters
+    added later by scripts.tok_extend get ids after those. Unknown characters encode to <|unk|> (which
+    decodes to U+FFFD) rather than raising: val text may hold characters the train split never had."""
     kind = "char"
 
-    def __init__(self, chars, special_tokens, parent_fingerprint=None, original_vocab_size=None):
+    def __init__(self, id_to_char, special_tokens, parent_fingerprint=None, original_vocab_size=None):
+        """id_to_char: {id: one-character str}; special_tokens: {name: id}; together they cover 0..V-1."""
         super().__init__(special_tokens, parent_fingerprint, original_vocab_size)
-        self.chars = list(chars)  # chars[i] is the character of id i (for i < len(chars))
-        self._char_to_id = {c: i for i, c in enumerate(self.chars)}
-        if len(self._char_to_id) != len(self.chars) or any(len(c) != 1 for c in self.chars):
+        self.id_to_char = {int(i): c for i, c in id_to_char.items()}
+        self._char_to_id = {c: i for i, c in self.id_to_char.items()}
+        if len(self._char_to_id) != len(self.id_to_char) or any(not isinstance(c, str) or len(c) != 1
+                                                                 for c in self.id_to_char.values()):
             raise NanochatError("char tokenizer vocabulary has duplicate or multi-character entries; retrain it")
         if UNK_TOKEN not in self.special_tokens:
             raise NanochatError(f"char tokenizer has no {UNK_TOKEN} token; retrain it with scripts.tok_train")
         self._id_to_special = {i: name for name, i in self.special_tokens.items()}
-        all_ids = set(range(len(self.chars))) | set(self._id_to_special)
-        n = len(self.chars) + len(self.special_tokens)
+        all_ids = set(self.id_to_char) | set(self._id_to_special)
+        n = len(self.id_to_char) + len(self.special_tokens)
         if len(all_ids) != n or all_ids != set(range(n)):
             raise NanochatError("char tokenizer ids are not exactly 0..V-1; retrain it with scripts.tok_train")
         self._vocab_size = n
         self._unk = self.special_tokens[UNK_TOKEN]
         self.fingerprint = compute_fingerprint(
-            self.kind, None, ((i, c.encode("utf-8", errors="surrogatepass")) for i, c in enumerate(self.chars)),
+            self.kind, None, ((i, c.encode("utf-8", errors="surrogatepass")) for i, c in self.id_to_char.items()),
             self.special_tokens)
 
     @classmethod
@@ -406,7 +409,7 @@ class CharTokenizer(_TokenizerBase):
             chars.update(text)
         chars = sorted(chars)
         names = [UNK_TOKEN] + SPECIAL_TOKENS
-        return cls(chars, {name: len(chars) + i for i, name in enumerate(names)})
+        return cls(dict(enumerate(chars)), {name: len(chars) + i for i, name in enumerate(names)})
 
     def get_vocab_size(self):
         return self._vocab_size
@@ -416,7 +419,7 @@ class CharTokenizer(_TokenizerBase):
         return [[lookup.get(c, unk) for c in text] for text in texts]
 
     def decode(self, ids):
-        return "".join(self.id_to_token(i) for i in ids) if ids is not None else ""
+        return "".join(self.id_to_token(i) for i in ids)
 
     def id_to_token(self, token_id):
         token_id = int(token_id)
@@ -424,21 +427,24 @@ class CharTokenizer(_TokenizerBase):
             return "\ufffd"
         if token_id in self._id_to_special:
             return self._id_to_special[token_id]
-        return self.chars[token_id]
+        return self.id_to_char[token_id]
 
     def _token_bytes_of(self, token_id):
-        return len(self.chars[token_id].encode("utf-8", errors="surrogatepass"))
+        return len(self.id_to_char[token_id].encode("utf-8", errors="surrogatepass"))
 
     def _save_files(self, directory):
+        # one entry per id: the character, or null where the id is a special token
+        table = [self.id_to_char.get(i) for i in range(self._vocab_size)]
         with open(os.path.join(directory, CHAR_VOCAB_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.chars, f, ensure_ascii=True)
+            json.dump(table, f, ensure_ascii=True)
 
     @classmethod
     def _load(cls, directory, manifest):
-        chars = read_json(os.path.join(directory, CHAR_VOCAB_FILE), "char tokenizer vocabulary")
-        if not isinstance(chars, list):
+        table = read_json(os.path.join(directory, CHAR_VOCAB_FILE), "char tokenizer vocabulary")
+        if not isinstance(table, list):
             raise NanochatError(f"char tokenizer vocabulary is corrupt in {directory}; retrain it")
-        return cls(chars, manifest["special_tokens"], parent_fingerprint=manifest.get("parent_fingerprint"),
+        return cls({i: c for i, c in enumerate(table) if c is not None}, manifest["special_tokens"],
+                   parent_fingerprint=manifest.get("parent_fingerprint"),
                    original_vocab_size=manifest.get("original_vocab_size"))
 
 
@@ -464,7 +470,10 @@ class HFTokenizer(_TokenizerBase):
     else added as special tokens after its vocabulary. Special-token strings in text encode as text."""
     kind = "hf"
 
-    def __init__(self, json_text, special_tokens=None, parent_fingerprint=None, original_vocab_size=None):
+    def __init__(self, json_text, special_names=None, expected_special_tokens=None,
+                 parent_fingerprint=None, original_vocab_size=None):
+        """special_names: our special tokens, in the order missing ones are appended (default SPECIAL_TOKENS);
+        expected_special_tokens: {name: id} from a manifest, checked against what the file gives."""
         try:
             from tokenizers import AddedToken, Tokenizer
         except ImportError:
@@ -474,12 +483,12 @@ class HFTokenizer(_TokenizerBase):
         except Exception as e:
             raise NanochatError(f"not a valid Hugging Face tokenizer.json ({str(e)[:120]})") from None
         self.json_text = json_text
-        names = list(special_tokens) if special_tokens else list(SPECIAL_TOKENS)
-        missing = [name for name in names if tok.token_to_id(name) is None]
-        if missing:
-            tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in missing])
+        names = list(special_names) if special_names else list(SPECIAL_TOKENS)
+        for name in names:  # one at a time, so ids follow the order of `names`
+            if tok.token_to_id(name) is None:
+                tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
         mapped = {name: tok.token_to_id(name) for name in names}
-        if special_tokens is not None and mapped != {k: int(v) for k, v in special_tokens.items()}:
+        if expected_special_tokens is not None and mapped != {k: int(v) for k, v in expected_special_tokens.items()}:
             raise NanochatError("HF tokenizer special-token ids differ from its manifest; re-import it with "
                                 "python -m scripts.tok_train --tokenizer hf:PATH")
         super().__init__(mapped, parent_fingerprint, original_vocab_size)
@@ -543,8 +552,79 @@ class HFTokenizer(_TokenizerBase):
             raise NanochatError(f"tokenizer file missing: {path}; re-import it with scripts.tok_train --tokenizer hf:PATH")
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
-        return cls(text, special_tokens=manifest["special_tokens"], parent_fingerprint=manifest.get("parent_fingerprint"),
+        specials = manifest["special_tokens"]
+        names = sorted(specials, key=lambda name: (int(specials[name]), name))  # re-add in id order
+        return cls(text, special_names=names, expected_special_tokens=specials,
+                   parent_fingerprint=manifest.get("parent_fingerprint"),
                    original_vocab_size=manifest.get("original_vocab_size"))
+
+
+# -----------------------------------------------------------------------------
+# Extension: grow a vocabulary without renumbering any existing id (issue 7).
+#
+# Every existing id keeps its token; new tokens get ids V0, V0+1, ... after everything there was,
+# so a model's embedding rows < V0 still mean what they meant. For BPE this puts new merges *after*
+# the special tokens; tiktoken does not need ranks to be contiguous, only unique. Tokens of a second
+# BPE tokenizer are appended in that tokenizer's own rank order, skipping bytes we already have: each
+# of its tokens was learned as the merge of two of its earlier tokens, which by then are either ours
+# already or appended before it, so every appended token is (like every trained one) the merge of two
+# lower-ranked tokens, i.e. a valid tiktoken mergeable rank. Text is still encoded by rank, so old
+# merges come first, and a text chunk that contains no new token's bytes encodes exactly as before.
+
+def extend_tokenizer(tokenizer, add_special=(), from_tokenizer=None):
+    """Return a new tokenizer = `tokenizer` + `from_tokenizer`'s missing tokens + the new special names.
+    Tokens/specials already present are not duplicated. Records parent fingerprint and original size."""
+    v0 = tokenizer.get_vocab_size()
+    next_id = v0
+    specials = dict(tokenizer.special_tokens)
+    lineage = {"parent_fingerprint": tokenizer.fingerprint, "original_vocab_size": v0}
+    if from_tokenizer is not None and from_tokenizer.kind != tokenizer.kind:
+        raise NanochatError(f"cannot add tokens of a {from_tokenizer.kind} tokenizer to a {tokenizer.kind} one; "
+                            f"train the second tokenizer with the same --tokenizer kind")
+    for name in add_special:
+        if not (isinstance(name, str) and name.startswith("<|") and name.endswith("|>") and len(name) > 4):
+            raise NanochatError(f"special token {name!r} must look like <|name|>")
+
+    if tokenizer.kind == "bpe":
+        ranks = dict(tokenizer.mergeable_ranks)
+        if from_tokenizer is not None:
+            if from_tokenizer.pattern != tokenizer.pattern:
+                raise NanochatError("the second tokenizer was trained with a different split pattern; "
+                                    "retrain it with the same pattern as the one being extended")
+            for token, _ in sorted(from_tokenizer.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                if token in ranks:
+                    continue
+                if not any(token[:k] in ranks and token[k:] in ranks for k in range(1, len(token))):
+                    raise NanochatError("the second tokenizer is not a byte-level BPE (a token is not the merge of "
+                                        "two earlier ones); train it with python -m scripts.tok_train")
+                ranks[token] = next_id
+                next_id += 1
+        for name in add_special:
+            if name not in specials:
+                specials[name] = next_id
+                next_id += 1
+        return RustBPETokenizer(ranks, specials, pattern=tokenizer.pattern, **lineage)
+
+    if tokenizer.kind == "char":
+        id_to_char = dict(tokenizer.id_to_char)
+        if from_tokenizer is not None:
+            have = set(id_to_char.values())
+            for _, c in sorted(from_tokenizer.id_to_char.items()):
+                if c not in have:
+                    id_to_char[next_id] = c
+                    have.add(c)
+                    next_id += 1
+        for name in add_special:
+            if name not in specials:
+                specials[name] = next_id
+                next_id += 1
+        return CharTokenizer(id_to_char, specials, **lineage)
+
+    # hf: only special tokens (the file's own vocabulary and merges are not ours to reorder)
+    if from_tokenizer is not None:
+        raise NanochatError("adding a second tokenizer's tokens is supported for bpe and char tokenizers, not hf")
+    names = sorted(specials, key=lambda name: (specials[name], name)) + [n for n in add_special if n not in specials]
+    return HFTokenizer(tokenizer.json_text, special_names=list(dict.fromkeys(names)), **lineage)
 
 
 # -----------------------------------------------------------------------------
