@@ -1,0 +1,413 @@
+"""
+Pretrain the base model: stream the text shards, pack BOS-aligned rows, train a GPT from scratch
+with Muon (block matrices) + AdamW (embedding, head, scalars), evaluate bits per byte, sample,
+and save resumable checkpoints to <base>/base_checkpoints/<tag>/.
+
+Run alone:
+    python -m scripts.base_train --depth 4 --max-seq-len 256 --device-batch-size 8 --total-batch-size 4096
+or on N GPUs:
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth 20
+
+The model's vocab size is always the tokenizer's. Before any forward pass the run checks that the
+tokenizer, the checkpoint it resumes from and the pre-tokenized data agree (fingerprints, vocab
+sizes, special-token ids), and stops with one line naming every disagreement otherwise.
+--resume continues from the newest complete checkpoint exactly: weights, optimizer state, data
+position and RNG. A non-finite loss or gradient norm stops the run before the optimizer update.
+"""
+
+import argparse
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat import checkpoint_manager as cm
+from nanochat.common import (NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+                             init_wandb, peak_flops_for_device, print0, read_json, resolve_device_type, run_main)
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain the base model.")
+    # model
+    p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64*depth")
+    p.add_argument("--arch", default="nanochat", choices=["nanochat", "qwen2"], help="Transformer block flavour")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length T of training rows")
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step over all ranks; gradient accumulation is derived from it")
+    # horizon (first that is set wins)
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive from the next two)")
+    p.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
+    p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla: 20)")
+    # optimisation
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with a linear LR warmup")
+    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with a linear LR decay at the end")
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier reached at the last step")
+    # evaluation, sampling, saving
+    p.add_argument("--eval-every", type=int, default=250, help="val bits/byte every N steps (0: only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep (>= 2, 0: all)")
+    p.add_argument("--log-every", type=int, default=1, help="print a progress line every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of --model-tag")
+    # runtime
+    p.add_argument("--run", default=None, help="wandb run name (off by default)")
+    p.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+    p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
+    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: d<depth>)")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: <base>/tokenizer)")
+    p.add_argument("--data", default="text", choices=["text", "pretokenized"], help="read parquet text or pre-tokenized shards")
+    p.add_argument("--data-dir", default=None, help="parquet shards (default: <base>/base_data)")
+    p.add_argument("--pretok-dir", default=None, help="pre-tokenized shards (default: <base>/base_data_tok/<fingerprint[:16]>)")
+    p.add_argument("--buffer-docs", type=int, default=256, help="documents in the best-fit packing buffer")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Pre-flight: every disagreement between tokenizer, checkpoint and data, before any compute
+
+def preflight_problems(tokenizer, tokenizer_dir, model_vocab_size, resume_dir=None, resume_meta=None, pretok_dir=None):
+    """A list of one-line problems (empty if all agree)."""
+    problems = []
+    fp, vocab = tokenizer.fingerprint, tokenizer.get_vocab_size()
+    if model_vocab_size != vocab:
+        problems.append(f"the model is built for vocab {model_vocab_size} but the tokenizer {tokenizer_dir} has {vocab} ids")
+    if resume_meta is not None:
+        ck_fp = resume_meta.get("tokenizer_fingerprint")
+        ck_vocab = (resume_meta.get("model_config") or {}).get("vocab_size")
+        if ck_fp != fp:
+            problems.append(f"checkpoint {resume_dir} was trained with tokenizer {str(ck_fp)[:16]} but the tokenizer {tokenizer_dir} is {fp[:16]}")
+        if ck_vocab != vocab:
+            problems.append(f"checkpoint {resume_dir} has a model for vocab {ck_vocab} but the tokenizer {tokenizer_dir} has {vocab} ids")
+    bad_specials = {name: i for name, i in tokenizer.special_tokens.items() if not 0 <= i < model_vocab_size}
+    if bad_specials:
+        problems.append(f"special token ids {bad_specials} are outside the model's vocab of {model_vocab_size}")
+    if pretok_dir is not None:
+        meta_path = os.path.join(pretok_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            problems.append(f"no pre-tokenized shards in {pretok_dir}; run `python -m nanochat.dataset --pretokenize`")
+        else:
+            meta = read_json(meta_path, "pre-tokenized shard metadata")
+            if meta.get("fingerprint") != fp:
+                problems.append(f"pre-tokenized data {pretok_dir} was made by tokenizer {str(meta.get('fingerprint'))[:16]} "
+                                f"(vocab {meta.get('vocab_size')}) but the tokenizer {tokenizer_dir} is {fp[:16]} (vocab {vocab})")
+            max_id = max((f.get("max_id", -1) for f in meta.get("files", [])), default=-1)
+            if max_id >= model_vocab_size:
+                problems.append(f"pre-tokenized data {pretok_dir} holds token id {max_id}, outside the model's vocab of {model_vocab_size}")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it):
+    frac = min(it / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def gather_per_rank(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] without DDP)."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+
+    # --- compute ----------------------------------------------------------------
+    device_type = resolve_device_type(args.device)
+    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    master = rank == 0
+    dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    # --- flags that must agree ---------------------------------------------------------
+    T, B = args.max_seq_len, args.device_batch_size
+    tokens_per_micro = B * T * world_size
+    if args.total_batch_size % tokens_per_micro != 0:
+        raise NanochatError(f"--total-batch-size {args.total_batch_size} is not a multiple of device-batch-size x max-seq-len x ranks "
+                            f"= {B} x {T} x {world_size} = {tokens_per_micro}; pick a multiple (e.g. {tokens_per_micro * max(1, args.total_batch_size // tokens_per_micro)})")
+    grad_accum = args.total_batch_size // tokens_per_micro
+    if args.keep_last and args.keep_last < 2:
+        raise NanochatError(f"--keep-last {args.keep_last}: keep at least 2 checkpoints (or 0 for all)")
+
+    # --- tokenizer, checkpoint to resume, data: check that they agree before building anything -----
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.tokenizer import default_tokenizer_dir, get_token_bytes, load_tokenizer
+    tokenizer_dir = os.path.abspath(args.tokenizer_dir or default_tokenizer_dir())
+    tokenizer = load_tokenizer(tokenizer_dir)
+    vocab_size = tokenizer.get_vocab_size()
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), cm.STAGE_DIRS["base"], model_tag)
+    resume_meta = resume_step = resume_dir = None
+    if args.resume:
+        if not cm.list_complete_steps(checkpoint_dir):
+            raise NanochatError(f"--resume: no complete checkpoint in {checkpoint_dir}; drop --resume to start fresh")
+        resume_step = cm.find_last_step(checkpoint_dir)
+        resume_dir = os.path.join(checkpoint_dir, cm.step_dirname(resume_step))
+        resume_meta = cm.read_meta(checkpoint_dir, resume_step)
+    if args.resume:
+        config = cm.make_config(resume_meta, resume_dir)
+    else:
+        config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
+    pretok_dir = None
+    if args.data == "pretokenized":
+        from nanochat.dataset import pretokenized_dir
+        pretok_dir = os.path.abspath(args.pretok_dir or pretokenized_dir(tokenizer.fingerprint))
+    problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume_dir, resume_meta, pretok_dir)
+    if problems:
+        raise NanochatError("pre-flight check failed: " + "; ".join(problems))
+    if args.resume:
+        want = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T).to_dict()
+        differ = {k: (config.to_dict()[k], v) for k, v in want.items() if config.to_dict()[k] != v}
+        if differ:
+            raise NanochatError(f"--resume: the checkpoint's model differs from the flags ({', '.join(f'{k}: {a} in checkpoint vs {b} from flags' for k, (a, b) in differ.items())}); "
+                                f"pass the flags the run was started with")
+        if resume_meta.get("world_size", 1) != world_size:
+            raise NanochatError(f"--resume: the checkpoint was saved by {resume_meta.get('world_size')} processes but this run has {world_size}; "
+                                f"resume with the same number of processes")
+    for special in ("<|bos|>",):
+        tokenizer.encode_special(special)  # a tokenizer without BOS cannot make BOS-aligned rows
+
+    # --- model ---------------------------------------------------------------------------
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.init_weights()
+    if args.resume:
+        state, _, _ = cm.load_checkpoint(checkpoint_dir, resume_step, device)
+        model.load_state_dict(state, strict=True)
+        del state
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    print0(f"model: {config.arch} depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}/{config.n_kv_head}, "
+           f"vocab {vocab_size} (padded {config.padded_vocab_size}), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
+    print0(f"batch: {B} x {T} x {world_size} ranks x {grad_accum} accumulation = {args.total_batch_size:,} tokens/step; "
+           f"device {device}, dtype {dtype}, compile {use_compile}")
+
+    # --- horizon -------------------------------------------------------------------------
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = max(1, round(args.target_flops / (flops_per_token * args.total_batch_size)))
+    elif args.target_param_data_ratio > 0:
+        num_iterations = max(1, (round(args.target_param_data_ratio * num_params)) // args.total_batch_size)
+    else:
+        raise NanochatError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+    print0(f"training for {num_iterations:,} steps = {num_iterations * args.total_batch_size:,} tokens "
+           f"({num_iterations * args.total_batch_size / num_params:.1f} tokens/param), {flops_per_token * num_iterations * args.total_batch_size:.3e} FLOPs")
+
+    # --- optimizers ----------------------------------------------------------------------
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    adamw, muon = optimizers
+    if args.resume:
+        _, optim_states, _ = cm.load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
+        if optim_states is None or len(optim_states) != len(optimizers):
+            raise NanochatError(f"optimizer state in {resume_dir} does not match this run's optimizers; start fresh without --resume")
+        for opt, st in zip(optimizers, optim_states):
+            opt.load_state_dict(st)
+
+    # --- data ------------------------------------------------------------------------------
+    from nanochat.dataloader import pretokenized_distributed_data_loader, tokenizing_distributed_data_loader
+    from nanochat.loss_eval import evaluate_bpb
+
+    def make_loader(split, resume_state=None):
+        if args.data == "pretokenized":
+            return pretokenized_distributed_data_loader(pretok_dir, tokenizer, config.vocab_size, B, T, split, device=device,
+                                                        rank=rank, world_size=world_size, resume_state=resume_state,
+                                                        buffer_docs=args.buffer_docs)
+        return tokenizing_distributed_data_loader(tokenizer, B, T, split, device=device, rank=rank, world_size=world_size,
+                                                  resume_state=resume_state, buffer_docs=args.buffer_docs, data_dir=args.data_dir)
+
+    train_loader = make_loader("train", resume_meta["dataloader_state"][rank] if args.resume else None)
+    token_bytes = get_token_bytes(device, tokenizer)
+    eval_steps = max(1, args.eval_tokens // tokens_per_micro)
+
+    def evaluate_val_bpb():
+        val_loader = make_loader("val")
+        model.eval()
+        with autocast:
+            bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+        model.train()
+        val_loader.close()
+        return bpb
+
+    def sample():
+        if not master:
+            return []
+        model.eval()
+        outputs = []
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend="<|bos|>")
+            with autocast:
+                out = list(model.generate(ids, max_tokens=16, temperature=0.0))
+            outputs.append(tokenizer.decode(ids[1:] + out))
+            print0(f"sample: {outputs[-1]!r}")
+        model.train()
+        return outputs
+
+    # --- loop state (restored on resume) --------------------------------------------------------------
+    step = 0
+    smooth_loss = 0.0
+    total_time = 0.0
+    loss_history = []  # [step, loss] of every step, for the report's loss curve
+    val_bpb, min_val_bpb = None, float("inf")
+    if args.resume:
+        loop = resume_meta.get("loop_state", {})
+        step = resume_step
+        smooth_loss = loop.get("smooth_loss", 0.0)
+        total_time = loop.get("total_time", 0.0)
+        loss_history = loop.get("loss_history", [])
+        val_bpb = resume_meta.get("metrics", {}).get("val_bpb")
+        min_val_bpb = loop.get("min_val_bpb", float("inf"))
+        cm.restore_rng_state(resume_meta["rng"][rank])
+        print0(f"resuming from step {resume_step} of {resume_dir}")
+    wandb_run = init_wandb(args.run, "nanochat", vars(args))
+    peak_flops = peak_flops_for_device(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+
+    def save(step):
+        meta = {
+            "model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tokenizer.fingerprint,
+            "vocab_size": vocab_size, "train_args": vars(args), "step": step,
+            "metrics": {"val_bpb": val_bpb, "train_loss": smooth_loss_debiased()},
+            "dataloader_state": gather_per_rank(train_loader.state_dict()),
+            "rng": gather_per_rank(cm.capture_rng_state()),
+            "loop_state": {"smooth_loss": smooth_loss, "total_time": total_time, "loss_history": loss_history,
+                           "min_val_bpb": min_val_bpb, "num_iterations": num_iterations},
+        }
+        path = cm.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta,
+                                  tokenizer, rank=rank, keep_last=args.keep_last)
+        print0(f"saved checkpoint {path}")
+
+    def smooth_loss_debiased():
+        done = len(loss_history)
+        return smooth_loss / (1 - 0.9 ** done) if done else None
+
+    # --- training loop ---------------------------------------------------------------------
+    params = [p for p in model.parameters()]
+    samples = []
+    timed_steps = 0
+    while True:
+        last_step = step == num_iterations
+        resumed_here = args.resume and step == resume_step  # this step was evaluated before its save
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not resumed_here):
+            val_bpb = evaluate_val_bpb()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+        if last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0 and not resumed_here):
+            samples = sample()
+        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and not resumed_here):
+            save(step)
+        if last_step:
+            break
+
+        # one optimizer step: grad_accum micro-batches
+        synchronize()
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            x, y = next(train_loader)
+            with autocast:
+                loss = train_model(x, y)
+            loss_sum += loss.detach()
+            (loss / grad_accum).backward()
+        train_loss = loss_sum / grad_accum
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        bad = (~torch.isfinite(train_loss) | ~torch.isfinite(grad_norm)).float()
+        if ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            last_good = cm.list_complete_steps(checkpoint_dir)
+            where = f"the last good checkpoint is step {last_good[-1]} in {checkpoint_dir}" if last_good else "no checkpoint was saved yet"
+            raise NanochatError(f"step {step + 1}: non-finite loss ({train_loss.item()}) or gradient norm ({grad_norm.item()}); "
+                                f"stopped before the optimizer update; {where}; lower the learning rates and --resume")
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        synchronize()
+        dt = time.time() - t0
+        step += 1
+
+        # logging
+        loss_value = train_loss.item()
+        loss_history.append([step, loss_value])
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+        if step > 1 + (resume_step or 0):  # the first step includes compilation/warm-up
+            total_time += dt
+            timed_steps += 1
+        if step % args.log_every == 0 or step == num_iterations:
+            tok_per_s = args.total_batch_size / dt
+            mfu = f" | mfu {100 * flops_per_token * args.total_batch_size / dt / (peak_flops * world_size):.1f}%" if peak_flops else ""
+            avg_dt = total_time / timed_steps if timed_steps else dt
+            eta = format_duration(avg_dt * (num_iterations - step))
+            print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth_loss_debiased():.4f} | lrm {lrm:.3f} | grad norm {grad_norm.item():.3f} "
+                   f"| {dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s{mfu} | eta {eta}")
+            wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_s": tok_per_s})
+
+    # --- report ---------------------------------------------------------------------------
+    train_loader.close()
+    print0(f"done: {step} steps, min val bpb {min_val_bpb:.4f}, wall time {format_duration(time.time() - t_start)}")
+    if master:
+        try:
+            from nanochat.report import get_report
+        except ImportError:
+            get_report = None
+        if get_report is not None:
+            get_report().log(section="Base model training", data=[
+                {k: v for k, v in vars(args).items()},
+                {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",
+                 "Calculated number of iterations": num_iterations, "Tokens per step": args.total_batch_size,
+                 "Tokens : params ratio": num_iterations * args.total_batch_size / num_params,
+                 "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb,
+                 "Training time": format_duration(total_time), "Checkpoint": checkpoint_dir},
+                {"loss_curve": loss_history},
+            ])
+    wandb_run.finish()
+    compute_cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
