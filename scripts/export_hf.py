@@ -1,0 +1,290 @@
+"""
+Export a checkpoint to a Hugging Face folder that `transformers` loads:
+
+    python -m scripts.export_hf --source base --out-dir ./my_model_hf
+    python -m scripts.export_hf --checkpoint-dir ~/.cache/nanochat/base_checkpoints/d4 --step 1000 --out-dir ./hf
+
+Writes config.json + generation_config.json, model.safetensors, and the tokenizer as
+tokenizer.json (Hugging Face `tokenizers`, byte-level BPE rebuilt from our merges) +
+tokenizer_config.json, plus a copy of our own tokenizer folder in nanochat_tokenizer/.
+Then: transformers.AutoModelForCausalLM.from_pretrained(out_dir) and
+PreTrainedTokenizerFast.from_pretrained(out_dir) (not AutoTokenizer: transformers 5 maps model_type
+qwen2 to Qwen2Tokenizer, which replaces our split pattern with Qwen's digit-by-digit one).
+
+Only `--arch qwen2` models can be exported: they are exactly transformers' Qwen2ForCausalLM.
+The default nanochat block (ReLU² MLP, parameter-free QK-norm, logit soft-capping, norm after
+the embedding) has no model type in transformers that computes the same function, so export
+refuses it rather than writing a model that silently gives different outputs.
+The exported vocabulary is the tokenizer's (the padding rows of our embedding/head are dropped).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from nanochat.common import NanochatError, run_main, atomic_write_json
+
+# our parameter name -> HF Qwen2ForCausalLM name; {i} is the layer index
+QWEN2_NAME_MAP = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "transformer.h.{i}.ln_1.weight": "model.layers.{i}.input_layernorm.weight",
+    "transformer.h.{i}.ln_2.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "transformer.h.{i}.attn.c_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "transformer.h.{i}.attn.c_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "transformer.h.{i}.attn.c_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "transformer.h.{i}.attn.c_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "transformer.h.{i}.attn.c_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "transformer.h.{i}.attn.c_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "transformer.h.{i}.attn.c_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "transformer.h.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "transformer.h.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "transformer.h.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # padded to a multiple of 64 on our side
+
+
+def _expanded_name_map(n_layer):
+    names = {}
+    for ours, theirs in QWEN2_NAME_MAP.items():
+        if "{i}" in ours:
+            for i in range(n_layer):
+                names[ours.format(i=i)] = theirs.format(i=i)
+        else:
+            names[ours] = theirs
+    return names
+
+
+def check_exportable(config):
+    if config.arch != "qwen2":
+        raise NanochatError(f"cannot export arch {config.arch!r} to Hugging Face: transformers has no model type with "
+                            f"its ReLU² MLP, QK-norm and logit soft-capping; train with --arch qwen2 to get an "
+                            f"exportable (Qwen2ForCausalLM) model")
+
+
+def to_hf_state_dict(model):
+    """Our qwen2 GPT's weights under Qwen2ForCausalLM's names, vocab rows trimmed to vocab_size."""
+    cfg = model.config
+    check_exportable(cfg)
+    ours = model.state_dict()
+    out = {}
+    for name, hf_name in _expanded_name_map(cfg.n_layer).items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # HF re-ties it to embed_tokens
+        tensor = ours[name].detach()
+        if name in VOCAB_ROWS:
+            tensor = tensor[:cfg.vocab_size]
+        out[hf_name] = tensor.to("cpu", copy=True).contiguous()
+    return out
+
+
+@torch.no_grad()
+def load_hf_state_dict(model, hf_state):
+    """Copy Qwen2ForCausalLM-named weights into our qwen2 GPT (padding rows of the vocab are zeroed)."""
+    cfg = model.config
+    check_exportable(cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, hf_name in _expanded_name_map(cfg.n_layer).items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if hf_name not in hf_state:
+            raise NanochatError(f"Hugging Face weights lack {hf_name}")
+        src = hf_state[hf_name]
+        dst = params[name]
+        if name in VOCAB_ROWS:
+            dst.zero_()
+            dst = dst[:src.size(0)]
+        if dst.shape != src.shape:
+            raise NanochatError(f"shape mismatch for {hf_name}: ours {tuple(dst.shape)}, theirs {tuple(src.shape)}")
+        dst.copy_(src)
+
+
+def hf_config_dict(config, tokenizer=None, dtype="float32"):
+    """config.json for Qwen2ForCausalLM, built with transformers' own Qwen2Config (so rope
+    settings land where the installed transformers version expects them)."""
+    from transformers import Qwen2Config
+    check_exportable(config)
+    special = {}
+    if tokenizer is not None:
+        specials = _special_ids(tokenizer)
+        special = dict(bos_token_id=tokenizer.get_bos_token_id(), eos_token_id=specials.get("<|assistant_end|>"))
+    hf = Qwen2Config(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
+        hidden_act="silu", max_position_embeddings=config.sequence_len, rms_norm_eps=config.rms_eps,
+        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings, use_sliding_window=False,
+        attention_dropout=0.0, **special)
+    hf.architectures = ["Qwen2ForCausalLM"]
+    d = hf.to_dict()
+    d["torch_dtype"] = dtype
+    d.setdefault("rope_theta", config.rope_theta)  # read by older transformers versions
+    return d
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: our byte-level BPE as a Hugging Face tokenizers file
+
+def _special_ids(tokenizer):
+    return {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character table used by ByteLevel tokenizers."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _merge_of(token, ranks):
+    """The pair of tokens that BPE merged to make `token`: run byte-level BPE on its bytes using
+    only merges of lower rank; what is left is exactly two pieces."""
+    parts = [bytes([b]) for b in token]
+    rank = ranks[token]
+    while True:
+        best, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise NanochatError(f"tokenizer token {token!r} is not reachable by a single merge; cannot export it as BPE")
+    return parts
+
+
+def bpe_tokenizer_json(tokenizer):
+    """A tokenizers JSON string for our RustBPETokenizer: same split pattern, same merges, same ids,
+    special tokens as added tokens."""
+    from tokenizers import Tokenizer, Regex, AddedToken, models, pre_tokenizers, decoders
+    byte_char = _bytes_to_unicode()
+
+    def to_str(b):
+        return "".join(byte_char[x] for x in b)
+
+    ranks = tokenizer.mergeable_ranks
+    vocab = {to_str(b): i for b, i in ranks.items()}
+    merges = []
+    for token, _ in sorted(((b, i) for b, i in ranks.items() if len(b) > 1), key=lambda t: t[1]):
+        left, right = _merge_of(token, ranks)
+        merges.append((to_str(left), to_str(right)))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = _special_ids(tokenizer)
+    for name, _ in sorted(specials.items(), key=lambda kv: kv[1]):
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    for name, i in specials.items():
+        if tok.token_to_id(name) != i:
+            raise NanochatError(f"special token {name} would get id {tok.token_to_id(name)} instead of {i} in the "
+                                f"Hugging Face tokenizer; cannot export this tokenizer as tokenizer.json")
+    return tok.to_str()
+
+
+def write_tokenizer_files(tokenizer, out_dir):
+    """tokenizer.json + tokenizer_config.json when the tokenizer kind allows it (bpe, hf); always a
+    copy of our own tokenizer folder. Returns True if tokenizer.json was written."""
+    tokenizer.save(os.path.join(out_dir, "nanochat_tokenizer"))
+    if tokenizer.kind == "bpe":
+        text = bpe_tokenizer_json(tokenizer)
+    elif tokenizer.kind == "hf":
+        text = tokenizer.tok.to_str()
+    else:
+        print(f"note: a {tokenizer.kind} tokenizer has no Hugging Face tokenizer.json equivalent here; "
+              f"use nanochat_tokenizer/ with nanochat.tokenizer.load_tokenizer")
+        return False
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(text)
+    specials = _special_ids(tokenizer)
+    atomic_write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|assistant_end|>" if "<|assistant_end|>" in specials else None,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,
+    })
+    return True
+
+
+# -----------------------------------------------------------------------------
+# The export itself
+
+def export_model_to_hf(model, tokenizer, out_dir, overwrite=False):
+    """Write `model` (a qwen2 GPT) and `tokenizer` as a Hugging Face folder at out_dir.
+    Written into a temp folder beside out_dir and renamed into place, so out_dir is never half-written."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    check_exportable(cfg)
+    if tokenizer is not None and tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise NanochatError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model was built for "
+                            f"{cfg.vocab_size}; export the checkpoint with the tokenizer it was trained with")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise NanochatError(f"{out_dir} already exists; choose another --out-dir or pass --overwrite")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
+    try:
+        state = {k: v.float() for k, v in to_hf_state_dict(model).items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(os.path.join(tmp, "config.json"), hf_config_dict(cfg, tokenizer))
+        if tokenizer is not None:
+            specials = _special_ids(tokenizer)
+            atomic_write_json(os.path.join(tmp, "generation_config.json"), {
+                "bos_token_id": tokenizer.get_bos_token_id(),
+                "eos_token_id": specials.get("<|assistant_end|>"),
+            })
+            write_tokenizer_files(tokenizer, tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a nanochat checkpoint (--arch qwen2) to a Hugging Face folder")
+    parser.add_argument("--source", default="base", help="base|mid|sft|rl (ignored with --checkpoint-dir)")
+    parser.add_argument("--model-tag", default=None, help="checkpoint tag (default: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last complete one)")
+    parser.add_argument("--checkpoint-dir", default=None, help="a checkpoint tag folder, instead of --source/--model-tag")
+    parser.add_argument("--out-dir", required=True, help="folder to write (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
+    args = parser.parse_args(argv)
+
+    from nanochat import checkpoint_manager as cm
+    if args.checkpoint_dir:
+        step = args.step if args.step is not None else cm.find_last_step(args.checkpoint_dir)
+        model, tokenizer, meta = cm.build_model(args.checkpoint_dir, step, "cpu", phase="eval")
+    else:
+        model, tokenizer, meta = cm.load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag, step=args.step)
+    model = model.float()
+    out = export_model_to_hf(model, tokenizer, args.out_dir, overwrite=args.overwrite)
+    print(f"exported {model.config.arch} model ({model.num_params():,} params, step {meta.get('step')}) to {out}")
+    print("load it with transformers.AutoModelForCausalLM.from_pretrained(...) and "
+          "PreTrainedTokenizerFast.from_pretrained(...) (AutoTokenizer would pick Qwen2Tokenizer's split pattern)")
+
+
+if __name__ == "__main__":
+    run_main(main)

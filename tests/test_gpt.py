@@ -1,0 +1,320 @@
+"""The GPT model: sizing and validation, padded vocab, loss, KV-cache protocol, naive generate,
+optimizer groups, exact agreement of the qwen2 block with transformers' Qwen2ForCausalLM, and
+the Hugging Face export."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nanochat.common import NanochatError
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, heads_for_width
+
+
+def tiny(arch="nanochat", vocab_size=300, seed=0, **overrides):
+    overrides.setdefault("sequence_len", 64)
+    cfg = config_from_depth(2, vocab_size, arch=arch, **overrides)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    model.init_weights()
+    return model
+
+
+def randomize_(model, seed=1):
+    """Random weights everywhere (init zeroes the output projections, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+class ReferenceKVCache:
+    """The smallest cache that follows the protocol engine.py's KVCache implements."""
+
+    def __init__(self, n_layer):
+        self.n_layer, self.pos = n_layer, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer, k, v):
+        self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], dim=2)
+        self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
+        if layer == self.n_layer - 1:
+            self.pos += k.size(2)
+        return self.k[layer], self.v[layer]
+
+
+# -----------------------------------------------------------------------------
+# Sizing and validation
+
+def test_config_from_depth_follows_width_64_per_layer_and_128_per_head():
+    cfg = config_from_depth(20, 65536)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim) == (20, 1280, 10, 10, 128)
+    cfg = config_from_depth(4, 8192)
+    assert (cfg.n_embd, cfg.n_head, cfg.head_dim) == (256, 2, 128)
+    for depth in range(1, 40):
+        width = 64 * depth
+        n_head = heads_for_width(width)
+        assert width % n_head == 0 and (width // n_head) % 2 == 0 and n_head >= -(-width // 128)
+
+
+def test_config_overrides_apply_and_arch_defaults_resolve():
+    cfg = config_from_depth(4, 1000, n_head=4, n_kv_head=2, sequence_len=128)
+    assert (cfg.n_head, cfg.n_kv_head, cfg.sequence_len, cfg.softcap, cfg.rope_theta) == (4, 2, 128, 15.0, 10000.0)
+    q = config_from_depth(4, 1000, arch="qwen2")
+    assert (q.rope_theta, q.rms_eps, q.softcap) == (1e6, 1e-6, 0.0)
+    assert GPTConfig.from_dict(q.to_dict()) == q
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_head=3), "not divisible"),
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(arch="llama"), "unknown arch"),
+    (dict(tie_embeddings=True), "tied embeddings"),
+])
+def test_invalid_config_raises_a_clear_error(kwargs, message):
+    base = dict(sequence_len=32, vocab_size=100, n_layer=1, n_head=2, n_embd=64)
+    base.update(kwargs)
+    with pytest.raises(NanochatError, match=message):
+        GPTConfig(**base)
+
+
+def test_vocab_is_padded_for_the_head_but_logits_cover_only_the_tokenizer_vocab():
+    model = tiny(vocab_size=300)
+    assert model.config.padded_vocab_size == 320
+    assert model.lm_head.weight.shape[0] == 320 and model.transformer.wte.weight.shape[0] == 320
+    logits = model(torch.randint(0, 300, (2, 10)))
+    assert logits.shape == (2, 10, 300) and logits.dtype == torch.float32
+
+
+def test_nanochat_init_zeroes_output_projections_and_has_no_biases():
+    model = tiny()
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+
+
+def test_softcap_bounds_nanochat_logits():
+    model = randomize_(tiny())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+    logits = model(torch.randint(0, 300, (1, 8)))
+    assert logits.abs().max() <= 15.0 and logits.abs().max() > 14.0
+
+
+# -----------------------------------------------------------------------------
+# Loss
+
+def test_loss_ignores_minus_one_targets_and_reductions_agree():
+    model = randomize_(tiny())
+    idx = torch.randint(0, 300, (2, 12))
+    targets = torch.randint(0, 300, (2, 12))
+    targets[0, :5] = -1
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (2, 12) and (per_token[0, :5] == 0).all()
+    valid = targets != -1
+    assert torch.allclose(model(idx, targets, loss_reduction="sum"), per_token[valid].sum(), rtol=1e-5)
+    assert torch.allclose(model(idx, targets), per_token[valid].mean(), rtol=1e-5)
+    logits = model(idx)
+    manual = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+    assert torch.allclose(model(idx, targets), manual, rtol=1e-5)
+
+
+def test_a_few_optimizer_steps_reduce_the_loss_on_a_fixed_batch():
+    for arch in ("nanochat", "qwen2"):
+        model = tiny(arch)
+        optimizers = model.setup_optimizers()
+        idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+        first = None
+        for _ in range(8):
+            loss = model(idx[:, :-1], idx[:, 1:])
+            first = loss.item() if first is None else first
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        assert loss.item() < first - 0.5, (arch, first, loss.item())
+
+
+# -----------------------------------------------------------------------------
+# KV cache protocol and generation
+
+@pytest.mark.parametrize("arch", ["nanochat", "qwen2"])
+def test_cached_prefill_then_decode_equals_uncached_logits(arch):
+    model = randomize_(tiny(arch, n_head=4, n_kv_head=2)).eval()
+    idx = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+        cache = ReferenceKVCache(model.config.n_layer)
+        chunks = [model(idx[:, :7], kv_cache=cache),      # prefill
+                  model(idx[:, 7:12], kv_cache=cache)]    # several tokens after a cached prefix
+        for t in range(12, 20):                            # token by token
+            chunks.append(model(idx[:, t:t + 1], kv_cache=cache))
+    assert cache.get_pos() == 20
+    cached = torch.cat(chunks, dim=1)
+    assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
+
+
+def test_generate_is_deterministic_per_seed_and_greedy_matches_argmax():
+    model = randomize_(tiny()).eval()
+    prompt = [1, 5, 9]
+    a = list(model.generate(prompt, 6, temperature=1.0, seed=7))
+    b = list(model.generate(prompt, 6, temperature=1.0, seed=7))
+    assert a == b and len(a) == 6 and all(0 <= t < 300 for t in a)
+    greedy = list(model.generate(prompt, 5, temperature=0.0))
+    ids = list(prompt)
+    for _ in range(5):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy == ids[len(prompt):]
+    top1 = list(model.generate(prompt, 5, temperature=1.0, top_k=1, seed=3))
+    assert top1 == greedy
+
+
+def test_generate_rejects_prompt_ids_outside_the_vocab():
+    model = tiny(vocab_size=300)
+    with pytest.raises(NanochatError, match="outside the model's vocab"):
+        next(model.generate([1, 300], 3))
+
+
+def test_generate_windows_context_past_sequence_len():
+    model = randomize_(tiny(sequence_len=16)).eval()
+    out = list(model.generate(list(range(1, 15)), 10, temperature=0.0))
+    assert len(out) == 10
+
+
+# -----------------------------------------------------------------------------
+# Accounting and optimizer groups
+
+def test_estimate_flops_is_6n_plus_attention_term():
+    model = tiny()
+    cfg = model.config
+    n = model.num_params() - model.transformer.wte.weight.numel()
+    assert model.estimate_flops() == 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
+
+
+@pytest.mark.parametrize("arch", ["nanochat", "qwen2"])
+def test_setup_optimizers_puts_block_matrices_in_muon_and_the_rest_in_adamw(arch):
+    from nanochat.optim import Muon, AdamW
+    model = tiny(arch)
+    adamw, muon = model.setup_optimizers(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
+    assert isinstance(adamw, AdamW) and isinstance(muon, Muon)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    adam_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert not muon_ids & adam_ids and len(muon_ids | adam_ids) == len(list(model.parameters()))
+    for block in model.transformer.h:
+        for p in block.parameters():
+            assert (id(p) in muon_ids) == (p.ndim == 2)
+    assert id(model.transformer.wte.weight) in adam_ids and id(model.lm_head.weight) in adam_ids
+    scale = (model.config.n_embd / 768) ** -0.5
+    assert adamw.param_groups[0]["lr"] == pytest.approx(0.2 * scale)
+    for opt in (adamw, muon):
+        for g in opt.param_groups:
+            assert g["initial_lr"] == g["lr"]
+
+
+# -----------------------------------------------------------------------------
+# Qwen2 == transformers' Qwen2ForCausalLM
+
+def hf_qwen2(tie=False, vocab_size=300):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    hf_cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=tie, max_position_embeddings=64, attn_implementation="eager")
+    hf = Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # HF inits biases and norms to constants: randomise so they are tested too
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+def our_qwen2(tie=False, vocab_size=300):
+    cfg = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                    arch="qwen2", intermediate_size=160, tie_embeddings=tie)
+    model = GPT(cfg)
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen2_logits_match_transformers_with_weights_copied_from_hf(tie):
+    from scripts.export_hf import load_hf_state_dict
+    hf = hf_qwen2(tie)
+    ours = our_qwen2(tie)
+    load_hf_state_dict(ours, hf.state_dict())
+    idx = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        mine = ours(idx)
+    assert mine.shape == theirs.shape
+    assert (mine - theirs).abs().max() <= 1e-4
+
+
+def test_qwen2_logits_match_transformers_with_weights_copied_to_hf():
+    from scripts.export_hf import to_hf_state_dict
+    hf = hf_qwen2()
+    ours = randomize_(our_qwen2(), seed=4)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(0.3)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m]
+    idx = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face export
+
+@pytest.fixture
+def bpe_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    from nanochat.tokenizer import RustBPETokenizer
+    text = ["The quick brown fox jumps over the lazy dog. Numbers 12345 and émojis 🙂!\n",
+            "Hello world, hello nanochat; don't stop   believing.\tTabs\r\nand CRLF.",
+            ] * 30
+    return RustBPETokenizer.train_from_iterator(iter(text), 256 + 9 + 60)
+
+
+def test_export_hf_loads_in_transformers_with_identical_logits_and_tokenizer(tmp_path, bpe_tokenizer):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from scripts.export_hf import export_model_to_hf
+    tok = bpe_tokenizer
+    cfg = config_from_depth(2, tok.get_vocab_size(), arch="qwen2", sequence_len=64, n_kv_head=1)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    randomize_(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.2)
+    out = export_model_to_hf(model.eval(), tok, tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == tok.get_vocab_size()
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    idx = torch.randint(0, tok.get_vocab_size(), (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max() <= 1e-4
+    # (AutoTokenizer in transformers 5 swaps in Qwen2Tokenizer's own digit-splitting pre-tokenizer for
+    # model_type qwen2, so the exported tokenizer is loaded as what it is: a PreTrainedTokenizerFast.)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(out)
+    for s in ["The quick brown fox", "hello   world!\n\nnew  line", "don't 12345 émojis 🙂 zzz"]:
+        assert hf_tok.encode(s, add_special_tokens=False) == tok.encode(s), s
+        assert hf_tok.decode(tok.encode(s)) == s
+    assert hf_tok.convert_tokens_to_ids("<|assistant_end|>") == tok.encode_special("<|assistant_end|>")
+
+
+def test_export_refuses_the_nanochat_arch_with_a_clear_message(tmp_path):
+    from scripts.export_hf import export_model_to_hf
+    with pytest.raises(NanochatError, match="transformers has no model type"):
+        export_model_to_hf(tiny(), None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
