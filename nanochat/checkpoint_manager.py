@@ -34,7 +34,8 @@ STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft"
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-# Test hook: seconds to sleep inside a save after the weights are written (to kill -9 a save midway).
+# Test hook "STEP:SECONDS": sleep that long inside the save of STEP, after the weights are written
+# (so a test can kill -9 a save midway).
 _SLEEP_ENV = "NANOCHAT_TEST_SLEEP_IN_SAVE"
 
 
@@ -150,10 +151,10 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, t
     if rank == 0:
         tensors, tied = _clean_state_dict(model_state)
         save_file(tensors, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
-        sleep_s = float(os.environ.get(_SLEEP_ENV, "0") or 0)
-        if sleep_s > 0:
+        hook_step, _, sleep_s = os.environ.get(_SLEEP_ENV, "").partition(":")
+        if hook_step and int(hook_step) == step:
             print(f"[test hook] sleeping {sleep_s}s inside the save of step {step}", flush=True)
-            time.sleep(sleep_s)
+            time.sleep(float(sleep_s))
         meta = dict(meta)
         meta["step"] = step
         meta["tied_weights"] = tied
