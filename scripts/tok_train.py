@@ -31,7 +31,8 @@ def parse_args(argv=None):
 
 
 class CountingIterator:
-    """Wraps the document stream to count what the trainer actually consumed."""
+    """Wraps the document stream to count (and print, every 100M characters) what the trainer consumed."""
+    report_every = 100_000_000
 
     def __init__(self, documents):
         self.documents = documents
@@ -39,9 +40,13 @@ class CountingIterator:
         self.num_chars = 0
 
     def __iter__(self):
+        next_report = self.report_every
         for text in self.documents:
             self.num_docs += 1
             self.num_chars += len(text)
+            if self.num_chars >= next_report:
+                print(f"  read {self.num_docs:,} documents, {self.num_chars:,} characters", flush=True)
+                next_report += self.report_every
             yield text
 
 

@@ -435,3 +435,28 @@ def test_tok_train_on_empty_corpus_is_an_error(tmp_path):
     result = run_stage("scripts.tok_train", ["--vocab-size", "512"], tmp_path)
     assert result.returncode != 0 and "empty" in result.stderr, result.stderr
     assert not os.path.exists(tmp_path / "tokenizer")
+
+
+def test_a_failed_save_leaves_the_previous_tokenizer_intact(tmp_path, corpus, bpe, monkeypatch):
+    directory = tmp_path / "tok"
+    char = CharTokenizer.train_from_iterator(corpus)
+    char.save(directory)
+
+    def fail(self, d):
+        open(os.path.join(d, "ranks.tiktoken"), "w").write("half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(RustBPETokenizer, "_save_files", fail)
+    with pytest.raises(NanochatError, match="disk full"):
+        bpe.save(directory)
+    assert load_tokenizer(directory).fingerprint == char.fingerprint
+    assert os.listdir(tmp_path) == ["tok"]
+
+
+def test_tok_train_imports_a_hugging_face_tokenizer(tmp_path, corpus):
+    build_hf_tokenizer_json(tmp_path / "tokenizer.json", corpus)
+    result = run_stage("scripts.tok_train", ["--tokenizer", f"hf:{tmp_path / 'tokenizer.json'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    loaded = load_tokenizer(tmp_path / "tokenizer")
+    assert loaded.kind == "hf" and loaded.fingerprint == HFTokenizer.from_file(tmp_path / "tokenizer.json").fingerprint
+    bad = run_stage("scripts.tok_train", ["--tokenizer", "wordpiece"], tmp_path)
+    assert bad.returncode != 0 and "unknown --tokenizer" in bad.stderr
