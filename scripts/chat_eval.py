@@ -17,6 +17,7 @@ Under torchrun the problems are sharded by rank and the counts all-reduced.
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -130,9 +131,9 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
             predicted = letters[int(answer_logits.argmax().item())]
             passed += int(bool(task.evaluate(conversation, predicted)))
             total += 1
-        if progress:
+        if progress and sys.stdout.isatty():
             print0(f"\r\033[K{passed}/{total} ({100 * passed / max(total, 1):.2f}%) on rank 0", end="")
-    if progress:
+    if progress and sys.stdout.isatty():
         print0()
     return _all_reduce_counts(passed, total, device)
 
@@ -154,9 +155,9 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=2
         outcomes = [bool(task.evaluate(conversation, completion)) for completion in completions]
         passed += int(any(outcomes))
         total += 1
-        if progress:
+        if progress and sys.stdout.isatty():
             print0(f"\r\033[K{passed}/{total} ({100 * passed / max(total, 1):.2f}%) on rank 0", end="")
-    if progress:
+    if progress and sys.stdout.isatty():
         print0()
     return _all_reduce_counts(passed, total, device)
 

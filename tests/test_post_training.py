@@ -137,3 +137,76 @@ def test_mid_lr_schedule_is_constant_then_warms_down_to_zero():
     assert lr_multiplier(0.0, 0.2) == 1.0 and lr_multiplier(0.79, 0.2) == 1.0
     assert lr_multiplier(0.9, 0.2) == pytest.approx(0.5)
     assert lr_multiplier(1.0, 0.2) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Every stage for real, as the user runs it, on a tiny model and the offline tasks
+
+def make_tiny_base_checkpoint(base_dir):
+    """A tokenizer trained through the real trainer and a tiny random GPT saved as a base checkpoint."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    text = ["Tom has 3 boxes of 12 apples. How many apples? 3*12 = 36. #### 36\n" * 5,
+            "Spell the word banana. How many times does the letter a appear in banana? 3\n" * 5,
+            "Hello! I am nanochat, a small language model. What can I help you with today?\n" * 5]
+    tok = RustBPETokenizer.train_from_iterator(iter(text), vocab_size=256 + 9 + 64)
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=256, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_embd=32)
+    model = GPT(config)
+    model.init_weights()
+    meta = {"model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tok.fingerprint,
+            "vocab_size": tok.get_vocab_size(), "train_args": {}, "metrics": {}, "dataloader_state": None}
+    save_checkpoint(os.path.join(base_dir, "base_checkpoints", "d1"), 0, model.state_dict(), None, meta, tok)
+    return tok
+
+
+def run_stage(base_dir, module, *args):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Run mid -> sft -> rl on the offline tasks once; the tests below inspect the results."""
+    base_dir = tmp_path_factory.mktemp("nanochat_base")
+    make_tiny_base_checkpoint(str(base_dir))
+    common = ["--offline", "--device", "cpu"]
+    out = {}
+    out["mid"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "3", "--device-batch-size", "2",
+                           "--max-seq-len", "64", "--eval-every", "0", "--eval-steps", "1", "--save-every", "2")
+    out["mid_resume"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "4", "--device-batch-size",
+                                  "2", "--max-seq-len", "64", "--eval-every", "0", "--eval-steps", "1", "--resume")
+    out["sft"] = run_stage(base_dir, "scripts.chat_sft", *common, "--num-iterations", "2", "--device-batch-size", "2",
+                           "--target-examples-per-step", "4", "--eval-every", "0", "--eval-steps", "1",
+                           "--eval-metrics-every", "0", "--eval-max-problems", "2", "--eval-max-new-tokens", "8")
+    out["rl"] = run_stage(base_dir, "scripts.chat_rl", *common, "--num-iterations", "1", "--examples-per-step", "2",
+                          "--num-samples", "2", "--device-batch-size", "2", "--max-new-tokens", "8",
+                          "--eval-every", "0", "--eval-examples", "2", "--pass-k", "2")
+    return base_dir, out
+
+
+def test_each_stage_writes_a_loadable_checkpoint(pipeline):
+    base_dir, out = pipeline
+    from nanochat.checkpoint_manager import load_model
+    os.environ["NANOCHAT_BASE_DIR"] = str(base_dir)
+    try:
+        for source, step in (("mid", 4), ("sft", 2), ("rl", 1)):
+            model, tok, meta = load_model(source, "cpu", model_tag="d1")
+            assert meta["step"] == step
+            logits = model(torch.tensor([[tok.get_bos_token_id()]]))
+            assert logits.shape[-1] == tok.get_vocab_size()
+    finally:
+        del os.environ["NANOCHAT_BASE_DIR"]
+    assert "resuming midtraining" in out["mid_resume"] and "step 00004/4" in out["mid_resume"]
+    assert "step 00003/4" not in out["mid_resume"]  # resumed from step 3, did not start over
+
+
+def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
+    base_dir, _ = pipeline
+    text = run_stage(base_dir, "scripts.chat_eval", "-i", "sft", "--offline", "--device", "cpu",
+                     "-a", "Arithmetic|SimpleSpelling", "-x", "3", "-m", "8")
+    assert "Arithmetic accuracy:" in text and "SimpleSpelling accuracy:" in text
+    assert "ChatCORE:" in text
