@@ -1,0 +1,426 @@
+"""
+The report card: every stage logs its metrics and timings here, and `generate` assembles report.md.
+
+    python -m nanochat.report reset      # start a new report: header (git, hardware, versions, code size)
+    python -m nanochat.report generate   # assemble <base>/report/report.md (and copy it to ./report.md)
+
+Stages call `get_report().log(section="Chat SFT", data=[{...}, ...])` (one markdown file per section,
+rewritten atomically, so re-running a stage replaces its section) and
+`get_report().log_series("base_train_loss", steps, values)` for curves, which `generate` draws as PNGs
+(matplotlib when it is installed, else a small built-in PNG writer). Only rank 0 writes.
+
+The summary table has rows CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE
+(plus any other task a chat evaluation logged) and columns BASE, MID, SFT, RL, filled from the logged
+metrics of each stage's sections ("-" where nothing was logged).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import zlib
+
+from nanochat.common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_base_dir, get_rank, run_main
+
+SECTION_ORDER = [
+    "Tokenizer training", "Tokenizer evaluation", "Tokenizer extension", "Base model training", "Base model loss",
+    "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft", "Chat RL",
+    "Chat evaluation rl",
+]
+SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+EXTRA_ROWS = ["Arithmetic", "SimpleSpelling"]
+COLUMNS = ["BASE", "MID", "SFT", "RL"]
+
+
+def slugify(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "section"
+
+
+def stage_column(section):
+    """Which summary column a section's metrics belong to, by its name."""
+    words = set(re.findall(r"[a-z]+", section.lower()))
+    if "rl" in words:
+        return "RL"
+    if "sft" in words:
+        return "SFT"
+    if "mid" in words or "midtraining" in words:
+        return "MID"
+    if "base" in words:
+        return "BASE"
+    return None
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+# -----------------------------------------------------------------------------
+# The header: where and with what the run happened
+
+def _run(cmd, cwd=None):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_info():
+    root = repo_root()
+    commit = _run(["git", "rev-parse", "--short", "HEAD"], cwd=root) or "unknown"
+    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root) or "unknown"
+    dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root))
+    return {"commit": commit, "branch": branch, "dirty": dirty}
+
+
+def hardware_info():
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "gpus": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gb"] = round(pages * page_size / 1024 ** 3, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gb"] = None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                info["gpus"].append(f"{props.name} ({props.total_memory / 1024 ** 3:.0f} GiB)")
+    except ImportError:
+        pass
+    return info
+
+
+def dependency_versions():
+    from importlib import metadata
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "tiktoken", "tokenizers", "datasets", "pyarrow", "numpy", "safetensors", "fastapi"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def code_size(root=None):
+    """Lines and characters of the repository's own .py/.rs/.sh files (tracked by git when possible)."""
+    root = root or repo_root()
+    listed = _run(["git", "ls-files", "*.py", "*.rs", "*.sh"], cwd=root).splitlines()
+    if not listed:
+        listed = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("target", "node_modules")]
+            listed += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
+                       if f.endswith((".py", ".rs", ".sh"))]
+    files = lines = chars = 0
+    for rel in listed:
+        try:
+            with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        files += 1
+        lines += text.count("\n")
+        chars += len(text)
+    return {"files": files, "lines": lines, "characters": chars}
+
+
+def header_markdown(started):
+    git, hw, deps, size = git_info(), hardware_info(), dependency_versions(), code_size()
+    lines = ["# nanochat report card", "",
+             f"Generated for the run started {datetime.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M:%S')}"
+             f" on {socket.gethostname()}.", "",
+             "## Environment", "",
+             f"- git: commit {git['commit']} on {git['branch']}{' (uncommitted changes)' if git['dirty'] else ''}",
+             f"- CPU: {hw['cpu']} ({hw['cpu_count']} cores), memory {hw['memory_gb']} GiB",
+             f"- GPUs: {', '.join(hw['gpus']) if hw['gpus'] else 'none'}",
+             f"- platform: {platform.platform()}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in deps.items()),
+             f"- code: {size['files']} files, {size['lines']:,} lines, {size['characters']:,} characters (.py/.rs/.sh)",
+             ""]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# A tiny PNG line plot (no dependencies): white canvas, axes, one polyline per series
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def png_bytes(width, height, pixels):
+    """pixels: bytearray of width*height*3 RGB -> PNG file bytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = b"".join(b"\x00" + bytes(pixels[y * width * 3:(y + 1) * width * 3]) for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+
+
+def plot_png_builtin(series, width=640, height=400):
+    """series: list of (label, xs, ys) -> PNG bytes. Axes are a box; each series a coloured line."""
+    pixels = bytearray(b"\xff" * (width * height * 3))
+    left, right, top, bottom = 50, width - 20, 20, height - 40
+
+    def put(x, y, color):
+        if 0 <= x < width and 0 <= y < height:
+            i = (y * width + x) * 3
+            pixels[i:i + 3] = bytes(color)
+
+    def line(x0, y0, x1, y1, color):
+        dx, dy = abs(x1 - x0), -abs(y1 - y0)
+        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
+        err = dx + dy
+        while True:
+            put(x0, y0, color)
+            put(x0, y0 + 1, color)
+            if x0 == x1 and y0 == y1:
+                break
+            e2 = 2 * err
+            if e2 >= dy:
+                err += dy
+                x0 += sx
+            if e2 <= dx:
+                err += dx
+                y0 += sy
+
+    for x0, y0, x1, y1 in ((left, bottom, right, bottom), (left, top, left, bottom)):
+        line(x0, y0, x1, y1, (0, 0, 0))
+    points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y == y]  # drop NaNs
+    if points:
+        xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
+        ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
+        xspan, yspan = (xmax - xmin) or 1, (ymax - ymin) or 1
+        for k, (_, xs, ys) in enumerate(series):
+            color = PALETTE[k % len(PALETTE)]
+            pts = [(left + round((x - xmin) / xspan * (right - left)), bottom - round((y - ymin) / yspan * (bottom - top)))
+                   for x, y in zip(xs, ys) if y == y]
+            for (ax, ay), (bx, by) in zip(pts, pts[1:]):
+                line(ax, ay, bx, by, color)
+            if len(pts) == 1:
+                line(pts[0][0] - 2, pts[0][1], pts[0][0] + 2, pts[0][1], color)
+    return png_bytes(width, height, pixels)
+
+
+def plot_png(title, series, use_matplotlib=True):
+    if use_matplotlib:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import io
+            import matplotlib.pyplot as plt
+        except ImportError:
+            use_matplotlib = False
+    if not use_matplotlib:
+        return plot_png_builtin(series)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=80)
+    for label, xs, ys in series:
+        ax.plot(xs, ys, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+class Report:
+
+    def __init__(self, report_dir):
+        self.report_dir = report_dir
+        os.makedirs(os.path.join(report_dir, "series"), exist_ok=True)
+
+    def _state_path(self):
+        return os.path.join(self.report_dir, "state.json")
+
+    def _state(self):
+        try:
+            with open(self._state_path()) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def reset(self):
+        """Start a new report: remove old sections/series, write the header, remember the start time."""
+        for name in os.listdir(self.report_dir):
+            path = os.path.join(self.report_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        os.makedirs(os.path.join(self.report_dir, "series"), exist_ok=True)
+        started = time.time()
+        atomic_write_json(self._state_path(), {"started": started})
+        atomic_write_text(os.path.join(self.report_dir, "header.md"), header_markdown(started))
+
+    def log(self, section, data):
+        """Write (or replace) one section: data is a list of dicts (metrics) and strings (free text)."""
+        if isinstance(data, dict):
+            data = [data]
+        lines = [f"## {section}", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}", ""]
+        metrics = {}
+        for item in data:
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    lines.append(f"- {key}: {format_value(value)}")
+                    if isinstance(value, (int, float, str, bool)) or value is None:
+                        metrics[key] = value
+            elif item:
+                lines.append(str(item))
+        lines.append("")
+        slug = slugify(section)
+        atomic_write_text(os.path.join(self.report_dir, f"{slug}.md"), "\n".join(lines))
+        atomic_write_json(os.path.join(self.report_dir, f"{slug}.json"),
+                          {"section": section, "metrics": metrics, "time": time.time()})
+
+    def log_series(self, name, steps, values, section=None):
+        """Record a curve (e.g. training loss by step); `name`s sharing a plot group by prefix before ':'."""
+        steps, values = [float(s) for s in steps], [float(v) for v in values]
+        if len(steps) != len(values):
+            raise ValueError(f"series {name}: {len(steps)} steps but {len(values)} values")
+        atomic_write_json(os.path.join(self.report_dir, "series", f"{slugify(name)}.json"),
+                          {"name": name, "section": section, "steps": steps, "values": values})
+
+    def _sections(self):
+        sections = []
+        for fname in os.listdir(self.report_dir):
+            if fname.endswith(".json") and fname != "state.json":
+                with open(os.path.join(self.report_dir, fname)) as f:
+                    meta = json.load(f)
+                sections.append(meta)
+        rank = {name: i for i, name in enumerate(SECTION_ORDER)}
+        sections.sort(key=lambda m: (rank.get(m["section"], len(SECTION_ORDER)), m["time"]))
+        return sections
+
+    def summary_table(self, sections):
+        values = {}
+        rows = list(SUMMARY_ROWS)
+        for meta in sections:
+            column = stage_column(meta["section"])
+            if column is None:
+                continue
+            for key, value in meta["metrics"].items():
+                row = next((r for r in SUMMARY_ROWS + EXTRA_ROWS if r.lower() == key.lower()
+                            or (r == "CORE" and key.lower() in ("core metric", "core_metric"))), None)
+                if row is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                values[(row, column)] = value
+                if row not in rows:
+                    rows.append(row)
+        lines = ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for row in rows:
+            cells = [f"{values[(row, c)]:.4f}" if (row, c) in values else "-" for c in COLUMNS]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def _plots(self, use_matplotlib):
+        """Render every logged series, grouped by the name before ':' (e.g. 'base: train', 'base: val')."""
+        series_dir = os.path.join(self.report_dir, "series")
+        groups = {}
+        for fname in sorted(os.listdir(series_dir)):
+            with open(os.path.join(series_dir, fname)) as f:
+                s = json.load(f)
+            group, _, label = s["name"].partition(":")
+            groups.setdefault(group.strip(), []).append((label.strip() or group.strip(), s["steps"], s["values"]))
+        links = []
+        for group, series in groups.items():
+            fname = f"{slugify(group)}.png"
+            atomic_write_bytes(os.path.join(self.report_dir, fname), plot_png(group, series, use_matplotlib))
+            links.append((group, fname))
+        return links
+
+    def generate(self, use_matplotlib=True, copy_to_cwd=True):
+        """Assemble report.md from the header, the summary, the plots and the sections; return its path."""
+        state = self._state()
+        header_path = os.path.join(self.report_dir, "header.md")
+        header = open(header_path).read() if os.path.exists(header_path) else \
+            "# nanochat report card\n\n(no header: run `python -m nanochat.report reset` before the first stage)\n"
+        sections = self._sections()
+        parts = [header, "## Summary", "", self.summary_table(sections), ""]
+        if "started" in state:
+            elapsed = time.time() - state["started"]
+            hours, rem = divmod(int(elapsed), 3600)
+            parts += [f"Total wall clock time: {hours}h{rem // 60:02d}m{rem % 60:02d}s", ""]
+        links = self._plots(use_matplotlib)
+        if links:
+            parts += ["## Plots", ""] + [f"![{group}]({fname})" for group, fname in links] + [""]
+        for meta in sections:
+            with open(os.path.join(self.report_dir, f"{slugify(meta['section'])}.md")) as f:
+                parts.append(f.read())
+        text = "\n".join(parts)
+        out = os.path.join(self.report_dir, "report.md")
+        atomic_write_text(out, text)
+        if copy_to_cwd:
+            # the plots go beside the copy too, so its image links work
+            atomic_write_text(os.path.join(os.getcwd(), "report.md"), text)
+            for _, fname in links:
+                if os.path.abspath(os.getcwd()) != os.path.abspath(self.report_dir):
+                    shutil.copyfile(os.path.join(self.report_dir, fname), os.path.join(os.getcwd(), fname))
+        return out
+
+
+class DummyReport:
+    """What ranks other than 0 get: every call does nothing."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def log_series(self, *args, **kwargs):
+        pass
+
+    def reset(self, *args, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        return None
+
+
+def get_report():
+    if get_rank() != 0:
+        return DummyReport()
+    return Report(os.path.join(get_base_dir(), "report"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Reset or generate the nanochat report card")
+    parser.add_argument("command", choices=["reset", "generate"])
+    parser.add_argument("--no-matplotlib", action="store_true", help="draw plots with the built-in PNG writer")
+    args = parser.parse_args(argv)
+    report = get_report()
+    if args.command == "reset":
+        report.reset()
+        print(f"report reset: {os.path.join(get_base_dir(), 'report')}")
+    else:
+        path = report.generate(use_matplotlib=not args.no_matplotlib)
+        print(f"report written: {path} (copied to ./report.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
