@@ -5,22 +5,29 @@ Layout: `<base>/base_data/shard_00000.parquet, shard_00001.parquet, ...`, each w
 `text` column split into several row groups. The last shard by sorted name is the
 validation split; all the others are the training split.
 
-Four ways to fill that directory (`python -m nanochat.dataset --help`):
+Three ways to fill that directory, and one to encode it (`python -m nanochat.dataset --help`):
 
-    python -m nanochat.dataset --embedded           # offline: ~30 MB of Python's own sources and docs
-    python -m nanochat.dataset -n 8                 # download 8 FineWeb-Edu train shards + the val shard
-    python -m nanochat.dataset --from-files a.txt b.jsonl c.parquet
-    python -m nanochat.dataset --pretokenize        # encode the shards once with the trained tokenizer
+    python -m nanochat.dataset --embedded      # offline: ~30 MB of this Python's stdlib sources and docs
+    python -m nanochat.dataset -n 8            # download FineWeb-Edu train shards 0..7 + the val shard (the last)
+    python -m nanochat.dataset --from-files a.txt b.jsonl c.parquet   # .txt: blank-line separated documents
+    python -m nanochat.dataset --pretokenize   # token ids -> <base>/base_data_tok/<fingerprint[:16]>/
 
-Readers: `list_parquet_files`, `parquets_iter_batched` (row groups, by rank),
-`iter_documents` (documents in order, for the tokenizer trainer), and
-`load_pretokenized` (token shards, checked against the model's tokenizer and vocab size).
+Downloads run in parallel, retry with exponential backoff, resume `<shard>.partial` files with
+HTTP Range requests, and rename a shard into place only after it reads back as parquet with a
+`text` column. Converted and embedded corpora are written to a staging folder and moved in
+only when complete, so a failure never leaves half a corpus behind.
+
+Readers: `list_parquet_files`, `parquets_iter_batched` / `iter_row_groups` (row groups by rank,
+numbered across files so a reader can resume), `iter_documents` (documents in order, for the
+tokenizer trainer), and `load_pretokenized` (token shards, checked against the model's
+tokenizer fingerprint and vocab size).
 """
 
 import argparse
 import concurrent.futures
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import random
@@ -347,6 +354,7 @@ def build_embedded(data_dir, overwrite=False, docs_per_shard=2000, row_group_doc
             return old
         if old.get("source") == "embedded":
             overwrite = True  # an older embedded build (another Python): just rebuild it
+    existing_shards_guard(data_dir, overwrite, "the embedded corpus")  # fail before the work
     t0 = time.time()
     docs, sources = collect_embedded_documents()
     random.Random(EMBEDDED_SEED).shuffle(docs)
@@ -472,6 +480,10 @@ class RetryableError(Exception):
     pass
 
 
+class DownloadStopped(BaseException):
+    """Raised inside a worker after Ctrl-C, so it stops between chunks (its .partial stays for resume)."""
+
+
 def check_parquet_shard(path):
     """Raise RetryableError unless `path` is a parquet file with a readable `text` column."""
     import pyarrow.parquet as pq
@@ -486,7 +498,7 @@ def check_parquet_shard(path):
         raise RetryableError(f"not a readable parquet file ({e.__class__.__name__}: {str(e)[:100]})") from None
 
 
-def fetch_to_partial(url, partial, timeout, progress):
+def fetch_to_partial(url, partial, timeout, progress, stop):
     """Fetch `url` into `partial`, continuing from its current size with an HTTP Range request.
     A server that ignores Range (200 instead of 206) gets the file from the start."""
     offset = os.path.getsize(partial) if os.path.exists(partial) else 0
@@ -517,6 +529,8 @@ def fetch_to_partial(url, partial, timeout, progress):
                     chunk = response.read(1 << 20)
                     if not chunk:
                         break
+                    if stop.is_set():
+                        raise DownloadStopped()
                     f.write(chunk)
                     written += len(chunk)
                     progress.add_bytes(len(chunk))
@@ -529,7 +543,7 @@ def fetch_to_partial(url, partial, timeout, progress):
         raise RetryableError(f"connection closed after {written} of {expected} bytes")
 
 
-def download_shard(index, base_url, data_dir, retries, backoff, timeout, progress):
+def download_shard(index, base_url, data_dir, retries, backoff, timeout, progress, stop):
     """Download one shard to its final name, or raise NanochatError. The final name only ever
     holds a file that passed check_parquet_shard; unfinished bytes live in `<name>.partial`."""
     name = shard_name(index)
@@ -538,10 +552,10 @@ def download_shard(index, base_url, data_dir, retries, backoff, timeout, progres
     url = f"{base_url.rstrip('/')}/{name}"
     last_error = None
     for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+        if attempt and stop.wait(backoff * 2 ** (attempt - 1)):
+            raise DownloadStopped()
         try:
-            fetch_to_partial(url, partial, timeout, progress)
+            fetch_to_partial(url, partial, timeout, progress, stop)
             try:
                 check_parquet_shard(partial)
             except RetryableError:
@@ -582,14 +596,22 @@ def download(num_shards, data_dir, base_url=DEFAULT_BASE_URL, num_shards_total=D
     print(f"{len(indices)} shards wanted ({len(indices) - 1} train + val), {len(indices) - len(todo)} already here, "
           f"downloading {len(todo)} to {data_dir} with {workers} workers", flush=True)
     progress = Progress(len(indices), len(indices) - len(todo))
-    failures = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(download_shard, i, base_url, data_dir, retries, backoff, timeout, progress) for i in todo]
+    failures, stop = [], threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [pool.submit(download_shard, i, base_url, data_dir, retries, backoff, timeout, progress, stop)
+                   for i in todo]
         for future in futures:
             try:
                 future.result()
             except NanochatError as e:
                 failures.append(str(e))
+    except KeyboardInterrupt:
+        stop.set()  # workers stop at their next chunk; their .partial files resume next time
+        print("\nstopping: partial downloads are kept and resume when you run the command again", flush=True)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     progress.finish()
     if failures:
         more = f" (and {len(failures) - 1} more shards failed)" if len(failures) > 1 else ""
@@ -622,15 +644,17 @@ def pretokenize(tokenizer, data_dir=None, out_dir=None, overwrite=False):
     fingerprint = tokenizer.fingerprint
     out_dir = out_dir or pretokenized_dir(fingerprint)
     meta_path = os.path.join(out_dir, PRETOK_META)
+    groups = [("train", split_files("train", data_dir)), ("val", split_files("val", data_dir))]
+    sources = [(os.path.basename(p), os.path.getsize(p)) for _, paths in groups for p in paths]
     if os.path.exists(meta_path) and not overwrite:
         meta = read_json(meta_path, "pre-tokenized shard metadata")
-        if meta.get("fingerprint") == fingerprint:
+        done = [(f.get("source"), f.get("source_bytes")) for f in meta.get("files", [])]
+        if meta.get("fingerprint") == fingerprint and done == sources:
             print(f"already pre-tokenized in {out_dir}; pass --overwrite to redo it", flush=True)
             return out_dir
     vocab_size = tokenizer.get_vocab_size()
     bos = tokenizer.get_bos_token_id()
     dtype = token_dtype(vocab_size)
-    groups = [("train", split_files("train", data_dir)), ("val", split_files("val", data_dir))]
     os.makedirs(out_dir, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(meta_path)  # the directory is incomplete until the new meta.json lands
@@ -644,7 +668,8 @@ def pretokenize(tokenizer, data_dir=None, out_dir=None, overwrite=False):
                     ids = tokenizer.encode(texts, prepend=bos)
                     if not ids:
                         continue
-                    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
+                    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                                       count=sum(map(len, ids)))
                     if flat.size:
                         if flat.min() < 0 or flat.max() >= vocab_size:
                             raise NanochatError(f"tokenizer produced id {int(flat.max())} outside its vocab of "
@@ -654,7 +679,7 @@ def pretokenize(tokenizer, data_dir=None, out_dir=None, overwrite=False):
                         num_tokens += flat.size
                 _make_readable(tmp)
             files.append({"name": name, "split": split, "source": os.path.basename(path),
-                          "num_tokens": num_tokens, "max_id": max_id})
+                          "source_bytes": os.path.getsize(path), "num_tokens": num_tokens, "max_id": max_id})
             print(f"{name}: {num_tokens:,} tokens from {os.path.basename(path)} "
                   f"({time.time() - t0:.1f}s so far)", flush=True)
     meta = {"fingerprint": fingerprint, "vocab_size": vocab_size, "dtype": dtype, "bos_id": bos,
@@ -782,7 +807,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
         pretokenize(tokenizer, data_dir, args.out_dir, overwrite=args.overwrite)
     else:
-        raise NanochatError("say what to do: --embedded, -n N, --from-files FILE..., or --pretokenize (see --help)")
+        raise NanochatError("nothing to do: pass --embedded, -n N, --from-files FILE..., or --pretokenize (see --help)")
     return 0
 
 

@@ -184,6 +184,21 @@ def test_download_fails_clearly_and_never_leaves_a_corrupt_shard_in_place(tmp_pa
         assert (data_dir / dataset.shard_name(i)).read_bytes() == remote_shards[dataset.shard_name(i)]
 
 
+def test_an_interrupted_download_keeps_its_partial_file_and_the_next_run_resumes_it(tmp_path, remote_shards, capsys):
+    data_dir = tmp_path / "dl"
+    name = "shard_00000.parquet"
+    with FlakyFileServer(remote_shards, {name: ["drop"]}) as server:
+        code, _, err = run_cli(download_args(server, data_dir, n=1, retries=0), capsys)
+        assert code == 2 and name in err and "resume" in err
+        assert not (data_dir / name).exists()
+        kept = (data_dir / (name + ".partial")).stat().st_size
+        assert 0 < kept < len(remote_shards[name])
+        code, _, err = run_cli(download_args(server, data_dir, n=1, retries=0), capsys)
+        assert code == 0, err
+        assert server.requests_for(name)[-1] == (name, f"bytes={kept}-", 206)
+    assert (data_dir / name).read_bytes() == remote_shards[name]
+
+
 def test_download_of_a_missing_file_fails_at_once_without_retrying(tmp_path, remote_shards, capsys):
     del remote_shards["shard_00004.parquet"]
     with FlakyFileServer(remote_shards) as server:
@@ -349,6 +364,18 @@ def test_pretokenized_shards_hold_every_document_with_bos_and_record_the_fingerp
         expected = [t for doc in tok.encode(read_all_texts(shards, split), prepend=256) for t in doc]
         assert np.concatenate(arrays).tolist() == expected
     assert meta["files"][0]["max_id"] == 256
+
+
+def test_pretokenize_skips_work_already_done_but_redoes_it_when_the_shards_changed(pretokenized, capsys):
+    out, tok, shards = pretokenized
+    capsys.readouterr()
+    assert dataset.pretokenize(tok, data_dir=str(shards), out_dir=out) == out
+    assert "already pre-tokenized" in capsys.readouterr().out
+    write_parquet(shards / "shard_00002.parquet", make_docs("new val", 5))
+    dataset.pretokenize(tok, data_dir=str(shards), out_dir=out)
+    assert "already" not in capsys.readouterr().out
+    val = np.concatenate(dataset.load_pretokenized(out, tok.fingerprint, 257, "val")).tolist()
+    assert val == [t for doc in tok.encode(make_docs("new val", 5), prepend=256) for t in doc]
 
 
 def test_default_pretokenized_dir_is_named_by_fingerprint_and_big_vocabs_use_uint32(base_dir):
