@@ -81,21 +81,18 @@ def parse_args(argv=None):
 # Pre-flight: every disagreement between tokenizer, checkpoint and data, before any compute
 
 def preflight_problems(tokenizer, tokenizer_dir, model_vocab_size, resume_dir=None, resume_meta=None, pretok_dir=None):
-    """A list of one-line problems (empty if all agree)."""
+    """A list of one-line problems (empty if all agree). On --resume model_vocab_size is the checkpoint's."""
     problems = []
     fp, vocab = tokenizer.fingerprint, tokenizer.get_vocab_size()
     if model_vocab_size != vocab:
         problems.append(f"the model is built for vocab {model_vocab_size} but the tokenizer {tokenizer_dir} has {vocab} ids")
     if resume_meta is not None:
         ck_fp = resume_meta.get("tokenizer_fingerprint")
-        ck_vocab = (resume_meta.get("model_config") or {}).get("vocab_size")
         if ck_fp != fp:
             problems.append(f"checkpoint {resume_dir} was trained with tokenizer {str(ck_fp)[:16]} but the tokenizer {tokenizer_dir} is {fp[:16]}")
-        if ck_vocab != vocab:
-            problems.append(f"checkpoint {resume_dir} has a model for vocab {ck_vocab} but the tokenizer {tokenizer_dir} has {vocab} ids")
-    bad_specials = {name: i for name, i in tokenizer.special_tokens.items() if not 0 <= i < model_vocab_size}
+    bad_specials = sorted(i for i in tokenizer.special_tokens.values() if not 0 <= i < model_vocab_size)
     if bad_specials:
-        problems.append(f"special token ids {bad_specials} are outside the model's vocab of {model_vocab_size}")
+        problems.append(f"{len(bad_specials)} special token ids ({bad_specials[0]}..{bad_specials[-1]}) are outside the model's vocab of {model_vocab_size}")
     if pretok_dir is not None:
         meta_path = os.path.join(pretok_dir, "meta.json")
         if not os.path.exists(meta_path):
@@ -187,7 +184,8 @@ def main(argv=None):
         pretok_dir = os.path.abspath(args.pretok_dir or pretokenized_dir(tokenizer.fingerprint))
     problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume_dir, resume_meta, pretok_dir)
     if problems:
-        raise NanochatError("pre-flight check failed: " + "; ".join(problems))
+        raise NanochatError("pre-flight check failed: " + "; ".join(problems) + ". Use the tokenizer the checkpoint/data were made with "
+                            "(or extend the checkpoint with scripts.tok_extend, or re-run `python -m nanochat.dataset --pretokenize`)")
     if args.resume:
         want = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T).to_dict()
         differ = {k: (config.to_dict()[k], v) for k, v in want.items() if config.to_dict()[k] != v}
