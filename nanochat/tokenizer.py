@@ -75,19 +75,20 @@ def check_fingerprint(expected, actual, expected_from, actual_from):
     """Raise a NanochatError naming both fingerprints and where each came from, if they differ."""
     if expected != actual:
         raise NanochatError(
-            f"tokenizer fingerprint mismatch: {expected_from} has {expected} but {actual_from} has {actual}; use the tokenizer the data/checkpoint was built "
-            f"with, or rebuild them with this tokenizer")
+            f"tokenizer fingerprint mismatch: {expected_from} has {expected} but {actual_from} has {actual}; "
+            f"use the tokenizer the data/checkpoint was built with, or rebuild them with this tokenizer")
 
 
 # -----------------------------------------------------------------------------
 # The shared interface: special tokens, encode wrappers, conversation rendering.
 
 class _TokenizerBase:
+    """What every kind shares; a kind adds its vocabulary, encoding and files."""
     kind = None
     pattern = None
 
     def __init__(self, special_tokens, parent_fingerprint=None, original_vocab_size=None):
-        self.special_tokens = dict(special_tokens)  # name -> id
+        self.special_tokens = {name: int(i) for name, i in special_tokens.items()}  # name -> id
         self.parent_fingerprint = parent_fingerprint
         self._original_vocab_size = original_vocab_size
 
@@ -337,7 +338,7 @@ class RustBPETokenizer(_TokenizerBase):
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.enc.decode([int(i) for i in ids])
 
     def id_to_bytes(self, token_id):
         return self.enc.decode_single_token_bytes(token_id)
@@ -517,7 +518,7 @@ class HFTokenizer(_TokenizerBase):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def id_to_token(self, token_id):
         token = self.tok.id_to_token(int(token_id))
