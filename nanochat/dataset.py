@@ -449,7 +449,8 @@ def build_from_files(paths, data_dir, text_field="text", txt_split="paragraph", 
 # Downloading shards: parallel, retried with backoff, resumed, checked before renaming
 
 class Progress:
-    """One status line: shards done/total, download speed, ETA."""
+    """One status line: shards done/total, download speed, ETA. On a terminal it redraws in place
+    (also between shards, see tick); in a log it prints one line per finished shard."""
 
     def __init__(self, total, already_done):
         self.total, self.done, self.bytes = total, already_done, 0
@@ -461,15 +462,24 @@ class Progress:
         with self.lock:
             self.bytes += n
 
+    def _line(self, name):
+        elapsed = max(time.time() - self.t0, 1e-6)
+        fetched = self.done - self.start_done
+        eta = f"ETA {format_duration(elapsed / fetched * (self.total - self.done))}" if fetched else "ETA ?"
+        return f"[{self.done}/{self.total} shards] {name} | {self.bytes / 1e6 / elapsed:.1f} MB/s | {eta}"
+
+    def _show(self, line):
+        print(("\r" + line.ljust(80)) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
     def shard_done(self, name):
         with self.lock:
             self.done += 1
-            elapsed = max(time.time() - self.t0, 1e-6)
-            fetched = self.done - self.start_done
-            eta = elapsed / fetched * (self.total - self.done)
-            line = (f"[{self.done}/{self.total} shards] {name} | {self.bytes / 1e6 / elapsed:.1f} MB/s | "
-                    f"ETA {format_duration(eta)}")
-            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+            self._show(self._line(name))
+
+    def tick(self):
+        if self.tty:
+            with self.lock:
+                self._show(self._line("downloading"))
 
     def finish(self):
         if self.tty:
@@ -491,7 +501,8 @@ def check_parquet_shard(path):
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
             raise RetryableError(f"no 'text' column (columns: {pf.schema_arrow.names})")
-        pf.read(columns=["text"])  # decodes every page: catches damage in the middle too
+        for i in range(pf.num_row_groups):  # decode every page (damage in the middle too), one group at a time
+            pf.read_row_group(i, columns=["text"])
     except RetryableError:
         raise
     except Exception as e:
@@ -589,8 +600,10 @@ def shards_to_download(num_shards, num_shards_total):
 
 
 def download(num_shards, data_dir, base_url=DEFAULT_BASE_URL, num_shards_total=DEFAULT_NUM_SHARDS_TOTAL,
-             workers=4, retries=5, backoff=2.0, timeout=60.0):
+             workers=4, retries=5, backoff=2.0, timeout=60.0, overwrite=False):
     indices = shards_to_download(num_shards, num_shards_total)
+    source = {"source": "download", "base_url": base_url.rstrip("/"), "num_shards_total": num_shards_total}
+    guard_download_target(data_dir, source, overwrite)
     os.makedirs(data_dir, exist_ok=True)
     todo = [i for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
     print(f"{len(indices)} shards wanted ({len(indices) - 1} train + val), {len(indices) - len(todo)} already here, "
@@ -601,6 +614,10 @@ def download(num_shards, data_dir, base_url=DEFAULT_BASE_URL, num_shards_total=D
     try:
         futures = [pool.submit(download_shard, i, base_url, data_dir, retries, backoff, timeout, progress, stop)
                    for i in todo]
+        pending = set(futures)
+        while pending:  # wake up every second to redraw the progress line
+            _, pending = concurrent.futures.wait(pending, timeout=1.0)
+            progress.tick()
         for future in futures:
             try:
                 future.result()
@@ -613,10 +630,32 @@ def download(num_shards, data_dir, base_url=DEFAULT_BASE_URL, num_shards_total=D
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     progress.finish()
+    present = sorted(os.path.basename(p) for p in list_parquet_files(data_dir))
+    atomic_write_json(os.path.join(data_dir, MANIFEST_NAME), dict(source, shards=present))
+    _make_readable(os.path.join(data_dir, MANIFEST_NAME))
     if failures:
         more = f" (and {len(failures) - 1} more shards failed)" if len(failures) > 1 else ""
         raise NanochatError(failures[0] + more)
     print(f"done: {len(indices)} shards in {data_dir}", flush=True)
+
+
+def guard_download_target(data_dir, source, overwrite):
+    """Downloaded shards share names with embedded/converted ones (shard_00000.parquet ...), so
+    downloading into a directory that holds another corpus would silently keep its files. Refuse,
+    or with --overwrite clear that corpus first."""
+    manifest_path = os.path.join(data_dir, MANIFEST_NAME)
+    if not os.path.exists(manifest_path):
+        return  # nothing there, or shards from before manifests: nothing to compare against
+    old = read_json(manifest_path, "shard manifest")
+    same = all(old.get(k) == v for k, v in source.items())
+    if same:
+        return
+    what = old.get("source") if old.get("source") != "download" else f"download from {old.get('base_url')}"
+    if not overwrite:
+        raise NanochatError(f"{data_dir} holds another corpus ({what}); pass --overwrite to replace it, "
+                            f"or choose another --data-dir")
+    for path in list_parquet_files(data_dir) + [manifest_path]:
+        os.remove(path)
 
 
 # -----------------------------------------------------------------------------
@@ -801,7 +840,8 @@ def main(argv=None):
         if args.retries < 0 or args.backoff < 0 or args.workers < 1:
             raise NanochatError("--retries and --backoff must be >= 0 and --workers >= 1")
         download(args.num_shards, data_dir, base_url=args.base_url, num_shards_total=args.num_shards_total,
-                 workers=args.workers, retries=args.retries, backoff=args.backoff, timeout=args.timeout)
+                 workers=args.workers, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
+                 overwrite=args.overwrite)
     elif args.pretokenize:
         from nanochat.tokenizer import get_tokenizer, load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()

@@ -143,7 +143,10 @@ def test_downloader_recovers_from_drops_errors_and_corrupt_files_and_resumes_wit
         assert code == 0, err
         for name, data in remote_shards.items():
             assert (data_dir / name).read_bytes() == data, name
-        assert not [n for n in os.listdir(data_dir) if not n.endswith(".parquet")]  # no partial or temp left
+        leftovers = [n for n in os.listdir(data_dir) if not n.endswith(".parquet") and n != "manifest.json"]
+        assert leftovers == []  # no partial or temp file left
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        assert manifest["source"] == "download" and manifest["shards"] == sorted(remote_shards)
         # shard 0 was resumed: the second request asked for the missing tail and got 206
         (_, r1, s1), (_, r2, s2) = server.requests_for("shard_00000.parquet")
         assert r1 is None and s1 == 200 and s2 == 206 and int(r2.split("=")[1].rstrip("-")) > 0
@@ -162,7 +165,8 @@ def test_download_n_fetches_the_first_n_train_shards_plus_the_validation_shard(t
     with FlakyFileServer(remote_shards) as server:
         code, _, err = run_cli(download_args(server, data_dir, n=2), capsys)
         assert code == 0, err
-        assert sorted(os.listdir(data_dir)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00004.parquet"]
+        assert [os.path.basename(p) for p in dataset.list_parquet_files(str(data_dir))] == [
+            "shard_00000.parquet", "shard_00001.parquet", "shard_00004.parquet"]
         assert read_all_texts(data_dir, "val") == make_docs("remote4", 44)
         code, _, _ = run_cli(download_args(server, data_dir, n=3), capsys)
         assert code == 0
@@ -197,6 +201,34 @@ def test_an_interrupted_download_keeps_its_partial_file_and_the_next_run_resumes
         assert code == 0, err
         assert server.requests_for(name)[-1] == (name, f"bytes={kept}-", 206)
     assert (data_dir / name).read_bytes() == remote_shards[name]
+
+
+def test_download_refuses_to_mix_into_another_corpus_whose_shard_names_it_would_reuse(tmp_path, remote_shards, capsys):
+    data_dir = tmp_path / "dl"
+    (tmp_path / "mine.txt").write_text("one\n\ntwo\n\nthree", encoding="utf-8")
+    dataset.build_from_files([str(tmp_path / "mine.txt")], str(data_dir))  # writes shard_00000/1.parquet
+    with FlakyFileServer(remote_shards) as server:
+        code, _, err = run_cli(download_args(server, data_dir, n=1), capsys)
+        assert code == 2 and "another corpus" in err and server.requests == []
+        code, _, err = run_cli(download_args(server, data_dir, n=1) + ["--overwrite"], capsys)
+        assert code == 0, err
+    assert sorted(os.listdir(data_dir)) == ["manifest.json", "shard_00000.parquet", "shard_00004.parquet"]
+    assert (data_dir / "shard_00000.parquet").read_bytes() == remote_shards["shard_00000.parquet"]
+
+
+def test_disk_full_during_a_download_is_one_clear_error_and_no_shard_is_renamed_into_place(tmp_path, remote_shards,
+                                                                                         capsys, monkeypatch):
+    class FullDiskFile(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset, "open", lambda path, mode="r": FullDiskFile(), raising=False)
+    data_dir = tmp_path / "dl"
+    with FlakyFileServer(remote_shards) as server:
+        code, _, err = run_cli(download_args(server, data_dir, n=1), capsys)
+        assert len(server.requests_for("shard_00000.parquet")) == 1  # not retried: retrying cannot help
+    assert code == 2 and "disk full" in err and len(err.strip().splitlines()) == 1
+    assert dataset.list_parquet_files(str(data_dir)) == []
 
 
 def test_download_of_a_missing_file_fails_at_once_without_retrying(tmp_path, remote_shards, capsys):
