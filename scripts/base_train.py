@@ -388,20 +388,18 @@ def main(argv=None):
     train_loader.close()
     print0(f"done: {step} steps, min val bpb {min_val_bpb:.4f}, wall time {format_duration(time.time() - t_start)}")
     if master:
-        try:
-            from nanochat.report import get_report
-        except ImportError:
-            get_report = None
-        if get_report is not None:
-            get_report().log(section="Base model training", data=[
-                {k: v for k, v in vars(args).items()},
-                {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",
-                 "Calculated number of iterations": num_iterations, "Tokens per step": args.total_batch_size,
-                 "Tokens : params ratio": num_iterations * args.total_batch_size / num_params,
-                 "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb,
-                 "Training time": format_duration(total_time), "Checkpoint": checkpoint_dir},
-                {"loss_curve": loss_history},
-            ])
+        from nanochat.report import get_report
+        report = get_report()
+        if loss_history:
+            report.log_series("train loss", [s for s, _ in loss_history], [v for _, v in loss_history], section="Base model training")
+        report.log(section="Base model training", data=[
+            {k: v for k, v in vars(args).items()},
+            {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",
+             "Calculated number of iterations": num_iterations, "Tokens per step": args.total_batch_size,
+             "Tokens : params ratio": num_iterations * args.total_batch_size / num_params,
+             "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb,
+             "Training time": format_duration(total_time), "Checkpoint": checkpoint_dir},
+        ])
     wandb_run.finish()
     compute_cleanup()
     return 0
