@@ -133,8 +133,8 @@ def main(argv=None):
         return 0
     get_report().log(section="Tokenizer evaluation", data=[
         {"kind": tokenizer.kind, "vocab_size": tokenizer.get_vocab_size(), "fingerprint": tokenizer.fingerprint,
-         "compared_with": sorted(references) or f"none ({'/'.join(missing)} unavailable offline)"},
-        *rows,
+         "compared_with": ", ".join(sorted(references)) or f"none ({'/'.join(missing)} unavailable offline)"},
+        {f"{row['text']}_{key}": value for row in rows for key, value in row.items() if key != "text"},
     ])
     return 0
 

@@ -116,7 +116,8 @@ def main(argv=None):
     except ImportError:
         return 0
     get_report().log(section="Tokenizer training", data=[
-        vars(args),
+        {"tokenizer": args.tokenizer, "vocab_size_requested": args.vocab_size, "max_chars": args.max_chars,
+         "doc_cap": args.doc_cap, "output_dir": output_dir},
         {"kind": kind, "vocab_size": tokenizer.get_vocab_size(), "fingerprint": tokenizer.fingerprint,
          "train_time_s": round(train_time, 3),
          "num_docs": documents.num_docs if documents else None,

@@ -400,6 +400,9 @@ def test_tok_train_then_tok_eval_run_on_a_tiny_shard_set(tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr
     for name in ("train", "val", "news", "code", "math", "korean"):
         assert any(line.startswith(name + " ") for line in evaluation.stdout.splitlines()), evaluation.stdout
+    report_text = "".join(p.read_text() for p in (tmp_path / "report").glob("*.md"))
+    assert "## Tokenizer training" in report_text and "## Tokenizer evaluation" in report_text
+    assert tok.fingerprint in report_text
 
 
 def test_tok_train_char_kind(tmp_path):
