@@ -527,6 +527,7 @@ def fetch_to_partial(url, partial, timeout, progress, stop):
         if offset and response.status == 206:
             content_range = response.headers.get("Content-Range", "")
             if not content_range.startswith(f"bytes {offset}-"):
+                os.remove(partial)  # we cannot trust how the pieces fit: start over
                 raise RetryableError(f"server sent the wrong range ({content_range!r})")
             mode = "ab"
         else:
