@@ -149,6 +149,9 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=2
     for i in indices:
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
+        if len(prompt) >= engine.model.config.sequence_len:
+            total += 1  # the prompt alone fills the context window: counted as a failure
+            continue
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k, seed=seed + i)
         completions = [tokenizer.decode(sample[len(prompt):]) for sample in results]

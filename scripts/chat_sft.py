@@ -29,6 +29,8 @@ from nanochat.common import (NanochatError, compute_cleanup, compute_init, forma
                              init_wandb, print0, run_main)
 
 
+SECTION = "Chat SFT"  # the report card section
+
 # -----------------------------------------------------------------------------
 # Data: the training mixture and the held-out sets
 
@@ -307,11 +309,13 @@ def main(argv=None):
     t_start = time.time()
     step = start_step
     train_loss = float("nan")
+    train_curve, val_curve = [], []  # (step, loss) for the report card's plots
     while True:
         last_step = step == num_iterations
         if (args.eval_every > 0 and step % args.eval_every == 0 and step > start_step) or last_step:
             metrics["val_loss"] = evaluate_val_loss()
             print0(f"step {step:05d} | val loss {metrics['val_loss']:.4f}")
+            val_curve.append((step, metrics["val_loss"]))
             wandb_run.log({"step": step, "val_loss": metrics["val_loss"]})
         if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0 and step > start_step) or last_step:
             accuracies = evaluate_generative()
@@ -339,6 +343,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
         frozen.restore()
         step += 1
+        train_curve.append((step, train_loss))
         dt = time.time() - t0
         done = step - start_step
         eta = (time.time() - t_start) / done * (num_iterations - step)
@@ -356,7 +361,11 @@ def main(argv=None):
         assert frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
     if rank == 0:
         from nanochat.report import get_report
-        get_report().log(section="Chat SFT", data=[
+        report = get_report()
+        for label, curve in (("train", train_curve), ("val", val_curve)):
+            if curve:
+                report.log_series(f"sft: {label}", [s for s, _ in curve], [v for _, v in curve], section=SECTION)
+        report.log(section=SECTION, data=[
             {k: v for k, v in vars(args).items()},
             {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
              "Frozen rows": freeze_index, "Training time": format_duration(time.time() - t_start)},

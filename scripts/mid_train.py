@@ -31,6 +31,8 @@ from nanochat.common import (NanochatError, compute_cleanup, compute_init, forma
 from scripts.chat_sft import all_reduce_mean, check_task_tokens_fit, gather_rank_states
 
 
+SECTION = "Midtraining"  # the report card section
+
 # -----------------------------------------------------------------------------
 # Data
 
@@ -253,13 +255,13 @@ def main(argv=None):
     t_start = time.time()
     step = start_step
     train_loss = float("nan")
-    val_losses = []
+    train_curve, val_curve = [], []  # (step, loss) for the report card's plots
     while True:
         last_step = step == num_iterations
         if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
             metrics["val_loss"] = evaluate_val_loss()
-            val_losses.append((step, metrics["val_loss"]))
             print0(f"step {step:05d} | val loss {metrics['val_loss']:.4f}")
+            val_curve.append((step, metrics["val_loss"]))
             wandb_run.log({"step": step, "val_loss": metrics["val_loss"]})
         if last_step:
             break
@@ -280,6 +282,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
         frozen.restore()
         step += 1
+        train_curve.append((step, train_loss))
         dt = time.time() - t0
         eta = (time.time() - t_start) / (step - start_step) * (num_iterations - step)
         print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
@@ -295,12 +298,16 @@ def main(argv=None):
         assert frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
     if rank == 0:
         from nanochat.report import get_report
-        get_report().log(section="Midtraining", data=[
+        report = get_report()
+        for label, curve in (("train", train_curve), ("val", val_curve)):
+            if curve:
+                report.log_series(f"mid: {label}", [s for s, _ in curve], [v for _, v in curve], section=SECTION)
+        report.log(section=SECTION, data=[
             {k: v for k, v in vars(args).items()},
             {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
              "Tokens per step": total_batch_size, "Frozen rows": freeze_index,
              "Training time": format_duration(time.time() - t_start)},
-            {"Minimum validation loss": min(v for _, v in val_losses), "Final validation loss": metrics["val_loss"],
+            {"Minimum validation loss": min(v for _, v in val_curve), "Final validation loss": metrics["val_loss"],
              "Final training loss": train_loss},
         ])
     wandb_run.finish()

@@ -210,3 +210,12 @@ def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
                      "-a", "Arithmetic|SimpleSpelling", "-x", "3", "-m", "8")
     assert "Arithmetic accuracy:" in text and "SimpleSpelling accuracy:" in text
     assert "ChatCORE:" in text
+    # the report card got one section per stage, and the eval section holds each task's accuracy
+    import json
+    report_dir = os.path.join(str(base_dir), "report")
+    for slug in ("midtraining", "chat-sft", "chat-rl", "chat-evaluation-sft"):
+        assert os.path.exists(os.path.join(report_dir, slug + ".md")), slug
+    with open(os.path.join(report_dir, "chat-evaluation-sft.json")) as f:
+        logged = json.load(f)["metrics"]
+    assert 0.0 <= logged["Arithmetic"] <= 1.0 and 0.0 <= logged["SimpleSpelling"] <= 1.0
+    assert "ChatCORE" in logged
