@@ -181,9 +181,9 @@ def compute_init(device_type=None, seed=42):
 
 
 def compute_cleanup():
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    # Only if torch.distributed is already loaded: importing torch just to print an error costs seconds.
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,252 @@
+"""
+Pre-flight check: does everything a run will touch agree with everything else?
+
+    python -m nanochat.doctor                                   # the default tokenizer, data and newest checkpoints
+    python -m nanochat.doctor --checkpoint base --tokenizer ~/.cache/nanochat/tokenizer_ext
+    python -m nanochat.doctor --checkpoint ~/.cache/nanochat/base_checkpoints/d4/step_000100 --freeze-until-index 4096
+    python -m nanochat.doctor --depth 20 --device-batch-size 32 --max-seq-len 2048   # will the planned run fit?
+
+Prints a table (check | status | detail) of tokenizer fingerprints across the tokenizer, the data
+(pre-tokenized shards) and the checkpoint; vocab sizes; special-token ids within the embedding; the
+freeze index; shard token-id ranges; free disk and device memory for the planned run. Exits 1 on any
+mismatch, 0 otherwise (warnings don't fail). `check_all(...)` returns the same rows for stage scripts.
+"""
+
+import argparse
+import os
+import shutil
+
+from nanochat.common import NanochatError, get_base_dir, read_json, run_main
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "MISMATCH", "skip"
+
+
+class Checks:
+    """Collects rows; `run(name, fn)` turns a NanochatError raised by fn into a MISMATCH row."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name, status, detail):
+        self.rows.append((name, status, detail))
+
+    def run(self, name, fn):
+        try:
+            status, detail = fn()
+        except NanochatError as e:
+            status, detail = FAIL, str(e)
+        self.add(name, status, detail)
+
+    @property
+    def failed(self):
+        return any(status == FAIL for _, status, _ in self.rows)
+
+
+# -----------------------------------------------------------------------------
+# Locating things
+
+def resolve_checkpoint_dir(spec):
+    """A step dir, a tag dir (newest complete step), or a source name (base|mid|sft|rl: newest tag and step)."""
+    from nanochat.checkpoint_manager import (STAGE_DIRS, checkpoints_root, find_last_step, find_latest_tag,
+                                             list_complete_steps, step_dirname)
+    if spec in STAGE_DIRS:
+        root = checkpoints_root(spec)
+        tag = find_latest_tag(root)
+        if tag is None:
+            raise NanochatError(f"no {spec} checkpoints in {root}")
+        spec = os.path.join(root, tag)
+    spec = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isfile(os.path.join(spec, "meta.json")):
+        return spec
+    if list_complete_steps(spec):
+        return os.path.join(spec, step_dirname(find_last_step(spec)))
+    raise NanochatError(f"no complete checkpoint at {spec} (a step_* dir with COMPLETE, a tag dir, or base|mid|sft|rl)")
+
+
+# -----------------------------------------------------------------------------
+# The checks
+
+def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=None, freeze_until_index=None,
+              depth=None, device_batch_size=None, max_seq_len=None):
+    """Run every check that the given artifacts allow; returns a Checks with rows."""
+    from nanochat.tokenizer import load_tokenizer
+    checks = Checks()
+    base = get_base_dir()
+
+    # --- tokenizer: manifest vs its files
+    tokenizer = None
+    tokenizer_dir = os.path.abspath(tokenizer_dir or os.path.join(base, "tokenizer"))
+
+    def tok():
+        nonlocal tokenizer
+        tokenizer = load_tokenizer(tokenizer_dir)
+        lineage = ""
+        if tokenizer.parent_fingerprint:
+            lineage = f", extended from {tokenizer.parent_fingerprint[:16]} (original vocab {tokenizer.original_vocab_size:,})"
+        return OK, f"{tokenizer.kind}, vocab {tokenizer.get_vocab_size():,}, fingerprint {tokenizer.fingerprint[:16]}{lineage} ({tokenizer_dir})"
+    checks.run("tokenizer", tok)
+
+    # --- checkpoint: its meta vs its tokenizer copy vs its tensors, and vs the tokenizer above
+    meta = config = ckpt_tok = None
+    if checkpoint:
+        def ckpt():
+            nonlocal meta, config, ckpt_tok
+            from nanochat.checkpoint_manager import make_config, validate_checkpoint
+            step_dir = resolve_checkpoint_dir(checkpoint)
+            meta = read_json(os.path.join(step_dir, "meta.json"), "checkpoint meta")
+            ckpt_tok = load_tokenizer(os.path.join(step_dir, "tokenizer"))
+            config = make_config(meta, step_dir)
+            validate_checkpoint(step_dir, meta, ckpt_tok, config)
+            return OK, (f"{step_dir}: {config.arch}, {config.n_layer} layers, vocab {config.vocab_size:,} "
+                        f"(embedding rows {config.padded_vocab_size:,}), tokenizer {ckpt_tok.fingerprint[:16]}")
+        checks.run("checkpoint", ckpt)
+
+        if tokenizer is not None and ckpt_tok is not None:
+            def same_tok():
+                if ckpt_tok.fingerprint == tokenizer.fingerprint:
+                    return OK, f"checkpoint and tokenizer agree ({tokenizer.fingerprint[:16]})"
+                hint = ("the tokenizer extends the checkpoint's: grow the checkpoint with python -m scripts.extend_checkpoint"
+                        if tokenizer.parent_fingerprint == ckpt_tok.fingerprint else
+                        "use the tokenizer the model was trained with (it travels in the checkpoint's tokenizer/ dir)")
+                return FAIL, (f"checkpoint tokenizer {ckpt_tok.fingerprint[:16]} (vocab {ckpt_tok.get_vocab_size():,}) "
+                              f"!= tokenizer {tokenizer.fingerprint[:16]} (vocab {tokenizer.get_vocab_size():,}) in {tokenizer_dir}; {hint}")
+            checks.run("checkpoint vs tokenizer", same_tok)
+
+    # --- special tokens must have rows in the embedding
+    ref_tok = ckpt_tok or tokenizer
+    if ref_tok is not None:
+        def specials():
+            rows = config.padded_vocab_size if config is not None else ref_tok.get_vocab_size()
+            bad = {n: i for n, i in ref_tok.special_tokens.items() if not 0 <= i < min(rows, ref_tok.get_vocab_size())}
+            if bad:
+                return FAIL, f"special token ids outside the embedding ({rows:,} rows): {bad}"
+            top = max(ref_tok.special_tokens.values())
+            return OK, f"{len(ref_tok.special_tokens)} special tokens, ids up to {top:,} < {rows:,} embedding rows"
+        checks.run("special tokens", specials)
+
+    # --- freeze index
+    if freeze_until_index is not None and ref_tok is not None:
+        def freeze():
+            v = ref_tok.get_vocab_size()
+            if not 0 <= freeze_until_index <= v:
+                return FAIL, f"--freeze-until-index {freeze_until_index} is outside 0..{v:,} (the vocab size)"
+            original = ref_tok.original_vocab_size
+            note = "" if freeze_until_index == original else f" (the tokenizer's original vocab is {original:,})"
+            return OK, f"rows < {freeze_until_index:,} of {v:,} frozen{note}"
+        checks.run("freeze index", freeze)
+
+    # --- data: parquet shards
+    from nanochat import dataset
+    data_dir = os.path.abspath(data_dir or dataset.default_data_dir())
+
+    def shards():
+        files = dataset.list_parquet_files(data_dir)
+        for path in files:
+            dataset.check_parquet_shard(path)
+        return OK, f"{len(files)} readable parquet shards in {data_dir} (last = validation)"
+    if os.path.isdir(data_dir):
+        checks.run("text shards", shards)
+    else:
+        checks.add("text shards", SKIP, f"no {data_dir}")
+
+    # --- data: pre-tokenized shards (fingerprint and id range vs the tokenizer / model)
+    if pretok_dir is None and tokenizer is not None:
+        pretok_dir = dataset.pretokenized_dir(tokenizer.fingerprint)
+    if pretok_dir and os.path.isfile(os.path.join(pretok_dir, dataset.PRETOK_META)):
+        def pretok():
+            pmeta = read_json(os.path.join(pretok_dir, dataset.PRETOK_META), "pre-tokenized shard metadata")
+            want = (ckpt_tok or tokenizer).fingerprint if (ckpt_tok or tokenizer) else None
+            if want and pmeta.get("fingerprint") != want:
+                return FAIL, (f"shards in {pretok_dir} were made by tokenizer {str(pmeta.get('fingerprint'))[:16]} "
+                              f"but the {'checkpoint' if ckpt_tok else 'tokenizer'} uses {want[:16]}; pre-tokenize again")
+            vocab = config.vocab_size if config is not None else (tokenizer.get_vocab_size() if tokenizer else None)
+            max_id = max((f["max_id"] for f in pmeta.get("files", [])), default=-1)
+            if vocab is not None and max_id >= vocab:
+                return FAIL, f"shards in {pretok_dir} hold token id {max_id:,} >= vocab {vocab:,}"
+            ntok = sum(f["num_tokens"] for f in pmeta.get("files", []))
+            return OK, f"{ntok:,} tokens, ids 0..{max_id:,} < vocab {vocab if vocab is not None else '?'}, fingerprint agrees ({pretok_dir})"
+        checks.run("pre-tokenized shards", pretok)
+    else:
+        checks.add("pre-tokenized shards", SKIP, "none (the loader tokenizes text on the fly)")
+
+    # --- resources for the planned run
+    free = shutil.disk_usage(base).free
+    checks.add("disk", OK if free > 2 << 30 else WARN, f"{free / 2**30:.1f} GiB free in {base}")
+    need = None
+    if depth is not None and ref_tok is not None:
+        from nanochat.gpt import GPT, config_from_depth
+        import torch
+        cfg = config_from_depth(depth, ref_tok.get_vocab_size(), sequence_len=max_seq_len or 2048)
+        with torch.device("meta"):
+            nparams = GPT(cfg).num_params()
+        B, T = device_batch_size or 32, max_seq_len or 2048
+        # weights + grads + optimizer moments ~16 bytes/param in fp32; activations ~ a rough 34*B*T*d*layers bytes (bf16)
+        need = 16 * nparams + 34 * B * T * cfg.n_embd * cfg.n_layer + 4 * B * T * cfg.padded_vocab_size
+        checks.add("planned model", OK, f"depth {depth}: {nparams / 1e6:.1f}M params, ~{need / 2**30:.1f} GiB for B={B}, T={T}")
+    avail, where = _device_memory()
+    if avail is None:
+        checks.add("device memory", SKIP, where)
+    elif need is not None and need > avail:
+        checks.add("device memory", WARN, f"{avail / 2**30:.1f} GiB free on {where}, the planned run needs ~{need / 2**30:.1f} GiB: lower --device-batch-size")
+    else:
+        checks.add("device memory", OK, f"{avail / 2**30:.1f} GiB free on {where}")
+    return checks
+
+
+def _device_memory():
+    try:
+        import torch
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            return free, torch.cuda.get_device_name()
+    except Exception as e:  # a broken driver should not hide the rest of the table
+        return None, f"could not query the GPU ({e.__class__.__name__})"
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "cpu (RAM)"
+    except (OSError, KeyError, ValueError):
+        return None, "unknown"
+
+
+def format_table(rows):
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{name:<{w0}}  {status:<{w1}}  {detail}" for name, status, detail in rows)
+
+
+def preflight(**kwargs):
+    """For stage scripts: run the checks and raise the first mismatch as a NanochatError."""
+    checks = check_all(**kwargs)
+    for name, status, detail in checks.rows:
+        if status == FAIL:
+            raise NanochatError(f"pre-flight check '{name}' failed: {detail}")
+    return checks
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check that tokenizer, data and checkpoint agree before a run")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default <base>/tokenizer)")
+    parser.add_argument("--checkpoint", default=None, help="step dir, tag dir, or base|mid|sft|rl (newest)")
+    parser.add_argument("--data", default=None, help="parquet shard dir (default <base>/base_data)")
+    parser.add_argument("--pretokenized", default=None, help="pre-tokenized shard dir (default: the tokenizer's)")
+    parser.add_argument("--freeze-until-index", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None, help="planned model depth (memory estimate)")
+    parser.add_argument("--device-batch-size", type=int, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=None)
+    args = parser.parse_args(argv)
+    checks = check_all(tokenizer_dir=args.tokenizer, checkpoint=args.checkpoint, data_dir=args.data,
+                       pretok_dir=args.pretokenized, freeze_until_index=args.freeze_until_index,
+                       depth=args.depth, device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len)
+    print(format_table(checks.rows))
+    if checks.failed:
+        print("doctor: mismatches found (see MISMATCH rows)")
+        return 1
+    print("doctor: everything agrees")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
