@@ -26,6 +26,15 @@ TINY = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--to
         "--eval-tokens", "64", "--sample-every", "0", "--device", "cpu", "--buffer-docs", "8"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run many times faster without intra-op threading."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def base(tmp_path, monkeypatch):
     """<base> with 3 small parquet shards (2 train, 1 val) and a char tokenizer."""
@@ -70,7 +79,7 @@ def test_resumed_run_repeats_every_loss_of_the_uninterrupted_run(base):
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_uses_it(base, capsys):
     args = TINY + ["--num-iterations", "4", "--save-every", "2", "--eval-every", "0", "--model-tag", "k"]
-    env = dict(os.environ, NANOCHAT_TEST_SLEEP_IN_SAVE="4:120", PYTHONPATH=REPO)
+    env = dict(os.environ, NANOCHAT_TEST_SLEEP_IN_SAVE="4:120", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train"] + args, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
