@@ -227,6 +227,7 @@ def main(argv=None):
         start_step = 0
     config = model.config
     vocab_size = tokenizer.get_vocab_size()
+    freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)  # bad index: error before any work
     max_seq_len = args.max_seq_len or config.sequence_len
     print0(f"model: {config.n_layer} layers, width {config.n_embd}, vocab {vocab_size}, {model.num_params():,} params")
 
@@ -261,7 +262,6 @@ def main(argv=None):
     if resume_state is not None:
         for opt, state in zip(optimizers, optimizer_states):
             opt.load_state_dict(state)
-    freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)
     frozen = FrozenRows(model, freeze_index, vocab_size)
     print0(f"freeze: {frozen.describe()}")
 

@@ -219,3 +219,31 @@ def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
         logged = json.load(f)["metrics"]
     assert 0.0 <= logged["Arithmetic"] <= 1.0 and 0.0 <= logged["SimpleSpelling"] <= 1.0
     assert "ChatCORE" in logged
+
+
+def test_sft_with_freeze_keeps_low_embedding_rows_bit_identical_and_rejects_index_above_vocab(pipeline):
+    base_dir, _ = pipeline
+    from nanochat.checkpoint_manager import load_model
+    freeze = 200
+    run_stage(base_dir, "scripts.chat_sft", "--offline", "--device", "cpu", "--num-iterations", "2",
+              "--device-batch-size", "2", "--target-examples-per-step", "2", "--eval-every", "0", "--eval-steps", "1",
+              "--eval-metrics-every", "0", "--eval-max-problems", "1", "--eval-max-new-tokens", "4",
+              "--init-lr-frac", "1.0", "--weight-decay", "0.1", "--freeze-until-index", str(freeze),
+              "--output-tag", "frozen")
+    os.environ["NANOCHAT_BASE_DIR"] = str(base_dir)
+    try:
+        before, tok, _ = load_model("mid", "cpu", model_tag="d1")
+        after, _, meta = load_model("sft", "cpu", model_tag="frozen")
+    finally:
+        del os.environ["NANOCHAT_BASE_DIR"]
+    assert meta["freeze_until_index"] == freeze
+    V = tok.get_vocab_size()
+    for get in (lambda m: m.transformer.wte.weight, lambda m: m.lm_head.weight):
+        assert torch.equal(get(after)[:freeze], get(before)[:freeze])
+        assert not torch.equal(get(after)[freeze:V], get(before)[freeze:V])
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--offline", "--device", "cpu",
+                           "--freeze-until-index", str(V + 1)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "above the vocab size" in proc.stderr and "Traceback" not in proc.stderr
