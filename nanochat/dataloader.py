@@ -193,8 +193,13 @@ class DistributedDataLoader:
                     k += 1
                     if k == len(self.source):
                         epoch, k = epoch + 1, 0
-            except BaseException as e:  # hand the error to the consumer
-                self._queue.put(e)
+            except BaseException as e:  # hand the error to the consumer (unless it has gone away)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(e, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
 
         self._thread = threading.Thread(target=produce, name="dataloader-tokenize", daemon=True)
         self._thread.start()

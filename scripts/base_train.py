@@ -187,6 +187,8 @@ def main(argv=None):
         raise NanochatError("pre-flight check failed: " + "; ".join(problems) + ". Use the tokenizer the checkpoint/data were made with "
                             "(or extend the checkpoint with scripts.tok_extend, or re-run `python -m nanochat.dataset --pretokenize`)")
     if args.resume:
+        if not all(k in resume_meta for k in ("dataloader_state", "rng", "loop_state")):
+            raise NanochatError(f"--resume: {resume_dir} was not written by base_train (no data/RNG/loop state); drop --resume")
         want = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T).to_dict()
         differ = {k: (config.to_dict()[k], v) for k, v in want.items() if config.to_dict()[k] != v}
         if differ:

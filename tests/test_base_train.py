@@ -2,6 +2,7 @@
 the seed scenario's mismatches, and the non-finite stop."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -170,3 +171,18 @@ def test_non_finite_loss_stops_the_run_before_the_optimizer_update(base, monkeyp
 def test_total_batch_size_that_does_not_divide_is_a_clear_error(base):
     with pytest.raises(NanochatError, match="not a multiple"):
         base_train.main(TINY + ["--total-batch-size", "100"])
+
+
+def test_bits_per_byte_counts_only_text_tokens_and_converts_nats_to_bits():
+    from nanochat.loss_eval import evaluate_bpb
+
+    class ConstantLoss(torch.nn.Module):
+        def forward(self, x, y, loss_reduction="mean"):
+            return torch.full(y.shape, 2.0)  # 2 nats for every target
+
+    token_bytes = torch.tensor([0, 1, 3])  # id 0 is a special token (no bytes)
+    y = torch.tensor([[0, 1, 2, 2], [1, -1, 0, 2]])
+    bpb = evaluate_bpb(ConstantLoss(), iter([(y, y)]), 1, token_bytes)
+    counted = sum(1 for t in y.flatten().tolist() if t >= 0 and token_bytes[t] > 0)
+    total_bytes = sum(int(token_bytes[t]) for t in y.flatten().tolist() if t >= 0)
+    assert bpb == pytest.approx(2.0 * counted / (math.log(2) * total_bytes))
