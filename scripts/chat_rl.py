@@ -203,6 +203,10 @@ def main(argv=None):
                                meta_out, tokenizer, rank=rank)
         print0(f"saved {path}")
 
+    if resume_state is not None and resume_state.get("rng"):
+        from nanochat.checkpoint_manager import restore_rng_state
+        restore_rng_state(resume_state["rng"])
+
     # --- training loop
     metrics = dict(resume_state.get("metrics", {})) if resume_state else {}
     t_start = time.time()
