@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# nanochat speedrun: raw text -> tokenizer -> base model -> mid -> SFT (-> RL) -> evals -> report.md
+#
+#   bash speedrun.sh                 # 8xGPU node: the d20 run; a machine without GPUs: the CPU profile, offline
+#   NANOCHAT_PROFILE=cpu bash speedrun.sh     # force the CPU profile (embedded corpus, small model)
+#   NANOCHAT_PROFILE=smoke bash speedrun.sh   # every stage for a few steps (what the tests run)
+#   WITH_RL=1 bash speedrun.sh       # also run chat_rl + its eval
+#   FRESH=1 bash speedrun.sh         # forget finished stages and start over
+#
+# Knobs (environment variables): NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NANOCHAT_PROFILE
+# (gpu|cpu|smoke, default: gpu when nvidia-smi sees a GPU, else cpu), NPROC (GPUs to use, default all),
+# DEPTH, DEVICE_BATCH_SIZE, VOCAB_SIZE, MAX_SEQ_LEN, BASE_ITERS/MID_ITERS/SFT_ITERS (CPU/smoke profiles),
+# SKIP_SETUP=1 (use $PYTHON or python3 instead of creating .venv).
+#
+# Every stage logs to $NANOCHAT_BASE_DIR/logs/<stage>.log as well as the screen. A finished stage leaves a
+# marker in $NANOCHAT_BASE_DIR/speedrun_done/, so rerunning after a failure resumes at the failed stage.
+set -euo pipefail
+LAUNCH_DIR="$PWD"   # report.md is copied here at the end
+cd "$(dirname "$0")"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+mkdir -p "$NANOCHAT_BASE_DIR/logs" "$NANOCHAT_BASE_DIR/speedrun_done"
+LOGS="$NANOCHAT_BASE_DIR/logs"
+DONE="$NANOCHAT_BASE_DIR/speedrun_done"
+if [ "${FRESH:-0}" = 1 ]; then rm -f "$DONE"/* "$DONE"/.[!.]*; fi
+
+# --- profile
+if [ -z "${NANOCHAT_PROFILE:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+        NANOCHAT_PROFILE=gpu
+    else
+        NANOCHAT_PROFILE=cpu
+    fi
+fi
+case "$NANOCHAT_PROFILE" in
+    gpu|cpu|smoke) ;;
+    *) echo "error: NANOCHAT_PROFILE must be gpu, cpu or smoke (got '$NANOCHAT_PROFILE')" >&2; exit 2 ;;
+esac
+SECONDS=0
+
+# --- environment: a venv with nanochat and our Rust tokenizer trainer (built by maturin)
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e .
+    PY="$PWD/.venv/bin/python"
+else
+    PY="${PYTHON:-$(command -v python3)}"
+fi
+
+# run_stage NAME CMD...: run CMD unless NAME already finished; tee its output to the stage log; stop on failure.
+run_stage() {
+    local name="$1"; shift
+    if [ -f "$DONE/$name" ]; then
+        echo "== $name: already done (rm $DONE/$name to redo)"
+        return 0
+    fi
+    echo "== $name: $*"
+    local start=$SECONDS
+    if "$@" 2>&1 | tee "$LOGS/$name.log"; then
+        touch "$DONE/$name"
+        echo "== $name: done in $((SECONDS - start))s"
+    else
+        echo "error: stage '$name' failed after $((SECONDS - start))s; see $LOGS/$name.log, fix it, and rerun bash speedrun.sh to resume here" >&2
+        exit 1
+    fi
+}
+
+# resumable_stage NAME CMD...: like run_stage, but when a previous attempt of this stage was interrupted
+# after it had saved a checkpoint, the rerun adds --resume (the script continues exactly from it).
+resumable_stage() {
+    local name="$1" ckpt="$2"; shift 2
+    if [ ! -f "$DONE/$name" ] && [ -f "$DONE/.$name.started" ] && \
+       ls "$NANOCHAT_BASE_DIR/$ckpt"/*/step_*/COMPLETE >/dev/null 2>&1; then
+        run_stage "$name" "$@" --resume
+    else
+        [ -f "$DONE/$name" ] || touch "$DONE/.$name.started"
+        run_stage "$name" "$@"
+    fi
+}
+
+# --- per-profile settings
+# TORCHRUN: how stages run (all GPUs on a GPU node, one process on CPU); "--" separates torchrun's flags.
+if [ "$NANOCHAT_PROFILE" = gpu ]; then
+    NPROC="${NPROC:-$(nvidia-smi -L | grep -c GPU)}"
+    DEPTH="${DEPTH:-20}"; VOCAB_SIZE="${VOCAB_SIZE:-65536}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-2048}"
+    DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"
+    TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m)
+    SEP=(--)
+    DATA_ARGS=(-n 8)
+    TOK_ARGS=(--max-chars 2000000000 --vocab-size "$VOCAB_SIZE")
+    BASE_ARGS=(--depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN")
+    BASE_EVAL_ARGS=()
+    MID_ARGS=(--device-batch-size "$DEVICE_BATCH_SIZE")
+    SFT_ARGS=()
+    EVAL_ARGS=()
+    RL_ARGS=()
+    echo "nanochat speedrun: GPU profile, depth $DEPTH on $NPROC GPU(s), logs in $LOGS"
+else
+    # CPU and smoke: one process, embedded offline corpus, offline tasks, small vocab and model.
+    TORCHRUN=("$PY" -m)
+    SEP=()
+    if [ "$NANOCHAT_PROFILE" = cpu ]; then
+        DEPTH="${DEPTH:-4}"; VOCAB_SIZE="${VOCAB_SIZE:-4096}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
+        DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"
+        BASE_ITERS="${BASE_ITERS:-600}"; MID_ITERS="${MID_ITERS:-300}"; SFT_ITERS="${SFT_ITERS:-300}"
+        EVAL_PROBLEMS="${EVAL_PROBLEMS:-100}"; MAX_CHARS=40000000
+        echo "nanochat speedrun: CPU profile (no GPU found): embedded offline corpus, depth $DEPTH, vocab $VOCAB_SIZE;"
+        echo "  every stage runs, sized for ~30 minutes on 2 cores. Logs in $LOGS"
+    else
+        DEPTH="${DEPTH:-1}"; VOCAB_SIZE="${VOCAB_SIZE:-512}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-128}"
+        DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-2}"
+        BASE_ITERS="${BASE_ITERS:-3}"; MID_ITERS="${MID_ITERS:-2}"; SFT_ITERS="${SFT_ITERS:-2}"; RL_ITERS="${RL_ITERS:-1}"
+        EVAL_PROBLEMS="${EVAL_PROBLEMS:-2}"; MAX_CHARS=2000000
+        echo "nanochat speedrun: smoke profile: every stage for a few steps (checks that the stages fit together)"
+    fi
+    DATA_ARGS=(--embedded)
+    TOK_ARGS=(--max-chars "$MAX_CHARS" --vocab-size "$VOCAB_SIZE")
+    ROWS=$((DEVICE_BATCH_SIZE * MAX_SEQ_LEN))
+    BASE_ARGS=(--depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
+               --total-batch-size "$ROWS" --num-iterations "$BASE_ITERS" --eval-every "$(( BASE_ITERS / 4 > 0 ? BASE_ITERS / 4 : 1 ))"
+               --eval-tokens "$(( ROWS * 8 ))" --sample-every 0 --save-every "$(( BASE_ITERS / 2 > 0 ? BASE_ITERS / 2 : 1 ))"
+               --device cpu)
+    BASE_EVAL_ARGS=(--device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --split-tokens "$(( ROWS * 16 ))" --skip-core)
+    MID_ARGS=(--offline --device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
+              --num-iterations "$MID_ITERS" --eval-every 0 --eval-steps 4)
+    SFT_ARGS=(--offline --device cpu --num-iterations "$SFT_ITERS" --device-batch-size 8 --target-examples-per-step 16
+              --eval-every 0 --eval-steps 4 --eval-metrics-every 0 --eval-max-problems "$EVAL_PROBLEMS" --eval-max-new-tokens 64)
+    EVAL_ARGS=(--offline --device cpu -x "$EVAL_PROBLEMS" -m 96)
+    RL_ARGS=(--offline --device cpu --num-iterations "${RL_ITERS:-20}" --examples-per-step 4 --num-samples 4
+             --device-batch-size 8 --max-new-tokens 64 --eval-every 0 --eval-examples "$EVAL_PROBLEMS" --pass-k 2)
+fi
+
+# --- data and tokenizer (on GPU nodes the rest of the shards download while the tokenizer trains)
+run_stage report_reset "$PY" -m nanochat.report reset
+run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
+DATA_PID=""
+if [ "$NANOCHAT_PROFILE" = gpu ]; then
+    # Shards needed for the Chinchilla token budget: computed by base_train from the model size.
+    # 20 tokens/param (Chinchilla), ~4.8 chars/token, ~250M chars/shard, +20% slack, +1 for validation.
+    SHARDS="$("$PY" - "$DEPTH" "$VOCAB_SIZE" "$MAX_SEQ_LEN" <<'PYEOF'
+import math, sys, torch
+from nanochat.gpt import GPT, config_from_depth
+depth, vocab, seq = map(int, sys.argv[1:])
+with torch.device("meta"):
+    n = GPT(config_from_depth(depth, vocab, sequence_len=seq)).num_params()
+print(math.ceil(20 * n * 4.8 / 250e6 * 1.2) + 1)
+PYEOF
+)"
+    echo "downloading $SHARDS shards in the background (log: $LOGS/data_all.log)"
+    "$PY" -m nanochat.dataset -n "$SHARDS" > "$LOGS/data_all.log" 2>&1 &
+    DATA_PID=$!
+fi
+run_stage tok_train "$PY" -m scripts.tok_train "${TOK_ARGS[@]}"
+run_stage tok_eval "$PY" -m scripts.tok_eval
+if [ -n "$DATA_PID" ]; then
+    wait "$DATA_PID" || { echo "error: shard download failed; see $LOGS/data_all.log, then rerun bash speedrun.sh" >&2; exit 1; }
+fi
+
+# --- pretraining, midtraining, SFT (and RL), each followed by its evaluation
+run_stage doctor "$PY" -m nanochat.doctor --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
+resumable_stage base_train base_checkpoints "${TORCHRUN[@]}" scripts.base_train "${SEP[@]}" "${BASE_ARGS[@]}"
+run_stage base_eval "${TORCHRUN[@]}" scripts.base_eval "${SEP[@]}" "${BASE_EVAL_ARGS[@]}"
+resumable_stage mid_train mid_checkpoints "${TORCHRUN[@]}" scripts.mid_train "${SEP[@]}" "${MID_ARGS[@]}"
+run_stage mid_eval "${TORCHRUN[@]}" scripts.chat_eval "${SEP[@]}" -i mid "${EVAL_ARGS[@]}"
+resumable_stage chat_sft chatsft_checkpoints "${TORCHRUN[@]}" scripts.chat_sft "${SEP[@]}" "${SFT_ARGS[@]}"
+run_stage sft_eval "${TORCHRUN[@]}" scripts.chat_eval "${SEP[@]}" -i sft "${EVAL_ARGS[@]}"
+if [ "${WITH_RL:-0}" = 1 ] || [ "$NANOCHAT_PROFILE" = smoke ]; then
+    resumable_stage chat_rl chatrl_checkpoints "${TORCHRUN[@]}" scripts.chat_rl "${SEP[@]}" "${RL_ARGS[@]}"
+    run_stage rl_eval "${TORCHRUN[@]}" scripts.chat_eval "${SEP[@]}" -i rl "${EVAL_ARGS[@]}"
+fi
+
+# --- the report card
+(cd "$LAUNCH_DIR" && "$PY" -m nanochat.report generate) | tee "$LOGS/report.log"
+echo "speedrun ($NANOCHAT_PROFILE profile) finished in $((SECONDS / 60))m$((SECONDS % 60))s; report: $LAUNCH_DIR/report.md"
+echo "talk to your model:  $PY -m scripts.chat_cli   or   $PY -m scripts.chat_web   (then open http://127.0.0.1:8000)"
