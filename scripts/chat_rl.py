@@ -226,6 +226,9 @@ def main(argv=None):
         for example_idx in range(examples_per_rank):
             conversation = train_task[cursor % len(train_task)]
             prompt = tokenizer.render_for_completion(conversation)
+            cursor += world_size
+            if len(prompt) >= model.config.sequence_len - 1:
+                continue  # no room to answer inside the context window: skip this prompt
             # sample the group (in device-sized chunks), then score it
             model.eval()
             sequences, masks = [], []
@@ -252,7 +255,6 @@ def main(argv=None):
                     logprobs = -model(inputs, targets, loss_reduction="none")  # (n, T)
                 loss = policy_gradient_loss(logprobs, targets, advantages[b:b + args.device_batch_size], num_valid)
                 (loss / examples_per_rank).backward()
-            cursor += world_size
         lrm = 1.0 - step / num_iterations
         for opt in optimizers:
             for group in opt.param_groups:
@@ -261,7 +263,7 @@ def main(argv=None):
             opt.step()
         model.zero_grad(set_to_none=True)
         step += 1
-        mean_reward = all_reduce_mean(sum(rewards_seen) / len(rewards_seen), device)
+        mean_reward = all_reduce_mean(sum(rewards_seen) / max(len(rewards_seen), 1), device)
         dt = time.time() - t0
         eta = (time.time() - t_start) / (step - start_step) * (num_iterations - step)
         print0(f"step {step:05d}/{num_iterations} | mean reward {mean_reward:.3f} | lrm {lrm:.3f} | "

@@ -66,7 +66,7 @@ def build_val_tasks(offline):
 def build_generative_eval_tasks(offline):
     """Held-out generative tasks for the periodic eval: name -> task."""
     from scripts.chat_eval import build_eval_task
-    names = ["Arithmetic", "SimpleSpelling"] if offline else ["GSM8K", "SpellingBee"]
+    names = ["Arithmetic", "SpellingBee", "SimpleSpelling"] if offline else ["GSM8K", "SpellingBee"]
     return {name: build_eval_task(name, offline=offline) for name in names}
 
 
