@@ -136,15 +136,70 @@ def config_from_depth(depth, vocab_size, arch="nanochat", sequence_len=2048, **o
 
 
 # -----------------------------------------------------------------------------
+# CPU memory allocator
+
+_ALLOCATOR_CONFIGURED = False
+
+
+def configure_cpu_allocator():
+    """Keep freed memory in the process instead of handing it back to the OS. glibc serves
+    allocations >= 128 KiB with fresh mmap()s and returns them on free, so every large temporary
+    of a CPU training step (activations, logits chunks) pays page faults again, ~15-20% of a d4
+    step. Raising the mmap threshold to glibc's maximum (32 MiB) and the trim threshold to 1 GiB
+    makes the allocations reuse the heap. Linux/glibc only; a no-op elsewhere. Called by
+    setup_optimizers() when training on CPU."""
+    global _ALLOCATOR_CONFIGURED
+    if _ALLOCATOR_CONFIGURED:
+        return
+    _ALLOCATOR_CONFIGURED = True
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+        libc.mallopt(M_TOP_PAD, 64 * 1024 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+# -----------------------------------------------------------------------------
 # Building blocks
+
+class _RMSNormCPU(torch.autograd.Function):
+    """Parameter-free RMSNorm over the last dim with a hand-written backward. On CPU, torch's
+    F.rms_norm backward is a long chain of unfused ops (tens of ms per call at d4 sizes);
+    this is ~4 passes: grad_x = r * (g - y * mean(g * y)), with y = x * r, r = 1/rms(x)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r = ctx.saved_tensors
+        c = (g * y).mean(dim=-1, keepdim=True)
+        return torch.addcmul(g, y, c, value=-1).mul_(r), None
+
+
+def _plain_rms_norm(x, eps):
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _RMSNormCPU.apply(x, eps)
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
 
 def rms_norm(x, weight=None, eps=1e-6):
     if weight is None:
-        return F.rms_norm(x, (x.size(-1),), eps=eps)
+        return _plain_rms_norm(x, eps)
     # As HF Qwen2RMSNorm: normalise in fp32, cast back, then scale by the weight.
     dtype = x.dtype
-    y = F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(dtype)
-    return weight * y
+    return weight * _plain_rms_norm(x.float(), eps).to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -159,12 +214,94 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def apply_rotary(x, cos, sin):
-    """HF's rotate_half convention. x: (B, T, H, D); cos/sin: (1, T, 1, D) with the two halves equal."""
+def _rotate(x, cos, sin, inverse=False):
+    """y1 = x1*cos - x2*sin, y2 = x2*cos + x1*sin (HF's x*cos + rotate_half(x)*sin), written in
+    place into one output without the cat/neg temporaries; inverse=True rotates back (= backward)."""
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    c, s = cos[..., :d], sin[..., :d]
+    y = torch.empty_like(x)
+    y1, y2 = y[..., :d], y[..., d:]
+    sign = 1 if inverse else -1
+    torch.mul(x1, c, out=y1).addcmul_(x2, s, value=sign)
+    torch.mul(x2, c, out=y2).addcmul_(x1, s, value=-sign)
+    return y
+
+
+class _RotaryFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, sin, inverse=True), None, None
+
+
+def apply_rotary(x, cos, sin):
+    """HF's rotate_half convention. x: (B, T, H, D); cos/sin: (1, T, 1, D) with the two halves equal."""
+    if torch.compiler.is_compiling():
+        d = x.size(-1) // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return _RotaryFn.apply(x, cos, sin)
+
+
+class _SoftcapCrossEntropyCPU(torch.autograd.Function):
+    """Per-token loss of softcap * tanh(x @ W^T / softcap) against targets (-1: loss 0, no grad),
+    fused for CPU: the 1/softcap rides on the matmul (alpha), tanh/exp/sum run in place on row
+    chunks that stay in cache, and the backward turns the saved tanh into the logit gradient
+    (softmax - onehot) * (1 - t^2) in place, then does two big matmuls. Autograd's version makes
+    ~10 full passes over the (tokens x vocab) logits; this makes ~5. Since |logits| <= softcap,
+    exp() cannot overflow in fp32 for softcap <= 80, so no max-subtraction is needed."""
+    CHUNK = 128  # rows per in-cache elementwise chunk (128 x 8192 x 4 B = 4 MiB)
+
+    @staticmethod
+    def forward(ctx, x, W, targets, softcap):
+        assert softcap <= 80.0
+        N = x.size(0)
+        t = torch.addmm(x.new_zeros(()), x, W.t(), beta=0, alpha=1.0 / softcap)  # (N, V) = logits / softcap
+        lse = x.new_empty(N)
+        for s in range(0, N, _SoftcapCrossEntropyCPU.CHUNK):
+            tc = t[s:s + _SoftcapCrossEntropyCPU.CHUNK]
+            tc.tanh_()
+            torch.log(torch.exp(tc * softcap).sum(dim=1), out=lse[s:s + tc.size(0)])
+        valid = targets != -1
+        safe = targets.clamp_min(0)
+        target_logit = t.gather(1, safe[:, None]).squeeze(1).mul_(softcap)
+        losses = (lse - target_logit) * valid
+        ctx.softcap = softcap
+        ctx.save_for_backward(x, W, t, lse, safe, valid)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        x, W, t, lse, safe, valid = ctx.saved_tensors
+        softcap = ctx.softcap
+        scale = (grad_losses * valid)[:, None]  # (N, 1)
+        N = x.size(0)
+        g = t  # reuse the saved buffer in place: it becomes d loss / d (x @ W^T)
+        rows = torch.arange(N)
+        for s in range(0, N, _SoftcapCrossEntropyCPU.CHUNK):
+            e = s + _SoftcapCrossEntropyCPU.CHUNK
+            tc = t[s:e]
+            one_minus_t2 = torch.addcmul(torch.ones((), dtype=tc.dtype), tc, tc, value=-1)
+            p = torch.exp(tc * softcap - lse[s:e, None])  # softmax
+            p[rows[:p.size(0)], safe[s:e]] -= 1.0
+            torch.mul(p, one_minus_t2, out=g[s:e]).mul_(scale[s:e])
+        grad_x = g @ W
+        grad_W = g.t() @ x
+        return grad_x, grad_W, None, None
+
+
+def _reduce_loss(losses, targets, reduction):
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets != -1).sum()
 
 
 class CausalSelfAttention(nn.Module):
@@ -184,12 +321,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        # One matmul for q, k and v (the weights stay separate parameters: HF names, Muon per matrix).
+        weight = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
+        bias = None if self.c_q.bias is None else torch.cat((self.c_q.bias, self.c_k.bias, self.c_v.bias))
+        qkv = F.linear(x, weight, bias).view(B, T, H + 2 * Hkv, D)
+        qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # rotary (and QK-norm) on q and k together
         if self.qk_norm:
-            q, k = rms_norm(q, eps=self.rms_eps), rms_norm(k, eps=self.rms_eps)
+            qk = rms_norm(qk, eps=self.rms_eps)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_total, D)
@@ -215,6 +355,28 @@ def attention(q, k, v, gqa):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class _ReluSquaredFn(torch.autograd.Function):
+    """relu(x)^2 keeping only relu(x) for backward (grad = 2 * relu(x) * g): 2 passes each way
+    instead of autograd's relu + pow + pow-backward + threshold-backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return torch.mul(r, g).mul_(2.0)
+
+
+def relu_squared(x):
+    if torch.compiler.is_compiling():
+        return F.relu(x).square()
+    return _ReluSquaredFn.apply(x)
+
+
 class MLP(nn.Module):
     """nanochat: ReLU² (c_fc -> relu² -> c_proj). qwen2: SwiGLU (down(silu(gate) * up))."""
 
@@ -232,7 +394,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -364,13 +526,18 @@ class GPT(nn.Module):
         else:
             x = rms_norm(x, eps=cfg.rms_eps)
         # Only the first vocab_size rows of the (padded) head: a contiguous view, no copy.
-        logits = F.linear(x, self.lm_head.weight[:cfg.vocab_size]).float()
+        head = self.lm_head.weight[:cfg.vocab_size]
+        if targets is not None and loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be mean, sum or none, got {loss_reduction!r}")
+        if (targets is not None and cfg.softcap > 0 and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.compiler.is_compiling()):
+            losses = _SoftcapCrossEntropyCPU.apply(x.reshape(B * T, -1), head, targets.reshape(-1), cfg.softcap)
+            return _reduce_loss(losses.view(B, T), targets, loss_reduction)
+        logits = F.linear(x, head).float()
         if cfg.softcap > 0:
             logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
         if targets is None:
             return logits
-        if loss_reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"loss_reduction must be mean, sum or none, got {loss_reduction!r}")
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         if loss_reduction == "none":
@@ -387,6 +554,8 @@ class GPT(nn.Module):
         the sharded DistAdamW/DistMuon. Every param group records `initial_lr` for schedulers."""
         from nanochat.common import is_ddp
         from nanochat.optim import Muon, DistMuon, AdamW, DistAdamW
+        if self.lm_head.weight.device.type == "cpu":
+            configure_cpu_allocator()
         matrix_params, scalar_params = [], []
         for block in self.transformer.h:
             for p in block.parameters():

@@ -1,0 +1,172 @@
+"""
+Benchmark one full training step (forward, backward, optimizer) of the GPT.
+
+    python dev/bench_train.py                      # CPU: depth 4, seq 512, batch 8, vocab 8192, fp32
+    python dev/bench_train.py --device cuda --depth 20 --dtype bfloat16 --compile --batch 32 --seq 2048 --vocab 65536
+
+Prints tokens/s of the full step and the achieved FLOP/s of forward+backward (the model's
+estimate_flops() per token, 6N + attention). On CPU it also measures this machine's matmul
+peak (a 2048^3 fp32 matmul) in the same run and reports forward+backward as a % of it, next to
+the reference (nanochat's own GPT at this shape on the 2-core dev machine: ~1,400 tokens/s for
+a full step, forward+backward at 39% of peak). On CUDA it prints MFU against the GPU's bf16 peak.
+The machine may be shared: every figure is taken several times and best and median are shown.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanochat.common import peak_flops_for_device  # noqa: E402
+from nanochat.gpt import GPT, config_from_depth  # noqa: E402
+
+REFERENCE_TOKENS_PER_S = 1400
+REFERENCE_FWD_BWD_PEAK = 0.39
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """Best FLOP/s of an n^3 matmul on this device/dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Benchmark a full GPT training step")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--arch", default="nanochat", choices=["nanochat", "qwen2"])
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- model and optimizers
+    cfg = config_from_depth(args.depth, args.vocab, arch=args.arch, sequence_len=args.seq)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    flops_per_token = model.estimate_flops()
+    tokens = args.batch * args.seq
+    print(f"device {device.type} ({torch.get_num_threads()} threads), arch {cfg.arch}, depth {cfg.n_layer}, width {cfg.n_embd}, "
+          f"heads {cfg.n_head}, seq {args.seq}, batch {args.batch}, vocab {args.vocab}, {model.num_params():,} params, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, dtype {args.dtype}")
+
+    train_model = model
+    if args.compile:
+        try:
+            train_model = torch.compile(model, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - the benchmark must still run eagerly
+            print(f"torch.compile failed ({e.__class__.__name__}: {str(e)[:200]}); running eager")
+            train_model = model
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else torch.autocast(device_type=device.type, enabled=False))
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+
+    def fwd_bwd():
+        nonlocal train_model
+        with autocast:
+            loss = train_model(x, y)
+        loss.backward()
+        return loss
+
+    # --- warm up (also where a compile failure shows itself)
+    for _ in range(args.warmup):
+        try:
+            fwd_bwd()
+        except Exception as e:  # noqa: BLE001
+            if train_model is model:
+                raise
+            print(f"compiled model failed ({e.__class__.__name__}: {str(e)[:200]}); running eager")
+            train_model = model
+            fwd_bwd()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    # --- timed steps
+    fb_times, opt_times = [], []
+    for _ in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fwd_bwd()
+        sync(device)
+        t1 = time.perf_counter()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        t2 = time.perf_counter()
+        fb_times.append(t1 - t0)
+        opt_times.append(t2 - t1)
+    step_times = [a + b for a, b in zip(fb_times, opt_times)]
+
+    # --- report
+    def line(name, times, flops=None):
+        best, med = min(times), statistics.median(times)
+        extra = f"  fwd+bwd {flops * tokens / best / 1e9:.1f} GFLOP/s (best), {flops * tokens / med / 1e9:.1f} (median)" if flops else ""
+        print(f"{name:<10} best {best * 1e3:8.1f} ms  median {med * 1e3:8.1f} ms  -> {tokens / best:9,.0f} tokens/s best, "
+              f"{tokens / med:9,.0f} median{extra}")
+
+    line("fwd+bwd", fb_times, flops_per_token)
+    line("optimizer", opt_times)
+    line("full step", step_times)
+    fb_flops_best = flops_per_token * tokens / min(fb_times)
+    fb_flops_med = flops_per_token * tokens / statistics.median(fb_times)
+    tok_best, tok_med = tokens / min(step_times), tokens / statistics.median(step_times)
+    print(f"optimizer adds {statistics.median(opt_times) / statistics.median(fb_times):.0%} on top of fwd+bwd (median)")
+    if device.type == "cpu":
+        peak = matmul_peak(device, torch.float32)
+        print(f"matmul peak (2048^3 fp32, measured now): {peak / 1e9:.1f} GFLOP/s")
+        print(f"fwd+bwd at {fb_flops_best / peak:.0%} of peak (best), {fb_flops_med / peak:.0%} (median); "
+              f"reference {REFERENCE_FWD_BWD_PEAK:.0%}  [goal >= 60%]")
+        print(f"full step {tok_best:,.0f} tokens/s best, {tok_med:,.0f} median = {tok_best / REFERENCE_TOKENS_PER_S:.2f}x / "
+              f"{tok_med / REFERENCE_TOKENS_PER_S:.2f}x the reference {REFERENCE_TOKENS_PER_S:,} tokens/s  [goal >= 2,100 = 1.5x]")
+    else:
+        name = torch.cuda.get_device_name(device)
+        peak = peak_flops_for_device(name)
+        full_flops = flops_per_token * tokens / min(step_times)
+        if peak:
+            print(f"{name}: MFU full step {full_flops / peak:.1%} (best), fwd+bwd {fb_flops_best / peak:.1%}  [goal >= 50%]")
+        else:
+            print(f"{name}: no bf16 peak known for this GPU; achieved {full_flops / 1e12:.1f} TFLOP/s")
+        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
