@@ -130,6 +130,10 @@ def sample_from_logits(logits, generator):
 # -----------------------------------------------------------------------------
 # Streaming decode
 
+# How a tool call reads in a chat transcript: «12*7 → 84»
+TOOL_MARKUP = {"<|python_start|>": "«", "<|python_end|>": "", "<|output_start|>": " → ", "<|output_end|>": "»"}
+
+
 class StreamDecoder:
     """Incremental detokenizer: push ids, get text pieces that never end inside a UTF-8 character.
 
@@ -140,12 +144,17 @@ class StreamDecoder:
 
     MAX_PENDING = 8  # a UTF-8 character is at most 4 bytes; beyond this the bytes are truly invalid
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, show_tool_calls=True):
         self.tokenizer = tokenizer
         self.pending = []   # ids not yet fully emitted
         self.emitted = 0    # characters of decode(pending) already emitted
+        # special ids are shown as markup (tool calls) or not at all, never as "<|...|>"
+        shown = TOOL_MARKUP if show_tool_calls else {}
+        self.specials = {tokenizer.encode_special(name): shown.get(name, "") for name in tokenizer.get_special_tokens()}
 
     def push(self, token_id):
+        if token_id in self.specials:
+            return self.flush() + self.specials[token_id]
         self.pending.append(token_id)
         text = self.tokenizer.decode(self.pending)
         complete = text.rstrip("\ufffd")

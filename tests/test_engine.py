@@ -213,3 +213,12 @@ def test_stream_decoder_never_emits_a_broken_utf8_character():
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
     assert sum(1 for p in pieces if p) > 5  # it streams, rather than holding everything to the end
+
+
+def test_stream_decoder_shows_tool_calls_as_markup_and_hides_other_special_tokens():
+    tokenizer = CharTokenizer.train_from_iterator([CORPUS])
+    sp = tokenizer.encode_special
+    ids = (tokenizer.encode("so ") + [sp("<|python_start|>")] + tokenizer.encode("2*3") + [sp("<|python_end|>"), sp("<|output_start|>")]
+           + tokenizer.encode("6") + [sp("<|output_end|>"), sp("<|user_start|>")])
+    decoder = StreamDecoder(tokenizer)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == "so «2*3 → 6»"

@@ -1,0 +1,121 @@
+"""
+Chat with a trained model in the terminal. The tokenizer travels with the checkpoint, so
+naming the stage (and optionally tag/step) is enough. Answers stream as they are generated.
+
+    python -m scripts.chat_cli -i sft                     # newest sft checkpoint, interactive
+    python -m scripts.chat_cli -i base -p "Why is the sky blue?"   # one answer, then exit
+    python -m scripts.chat_cli -i rl -g d20 -s 500 -t 0.6 -k 50
+
+Commands: `clear` starts a new conversation, `quit` or `exit` (or Ctrl-D) leaves.
+"""
+
+import argparse
+import random
+import sys
+
+from nanochat.common import NanochatError, resolve_device_type, run_main
+from nanochat.engine import Engine, StreamDecoder
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Chat with a nanochat checkpoint in the terminal.")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the newest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k filtering")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per answer)")
+    parser.add_argument("--device", default="", help="cuda | mps | cpu (default: autodetect)")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.temperature <= 2.0:
+        raise NanochatError(f"--temperature {args.temperature} is out of range; use 0 to 2")
+    if args.top_k < 0 or not 0.0 < args.top_p <= 1.0 or args.max_tokens < 1:
+        raise NanochatError("use --top-k >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
+    return args
+
+
+def answer(engine, tokenizer, tokens, args, out):
+    """Stream one assistant turn after `tokens` to `out`; returns the ids it generated
+    (the terminal <|assistant_end|> included, so the conversation can continue)."""
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    decoder = StreamDecoder(tokenizer)
+    generated = []
+    for column, _ in engine.generate(tokens, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,
+                                     top_k=args.top_k or None, top_p=args.top_p, seed=seed):
+        token = column[0]
+        if token in (engine.assistant_end, engine.bos):
+            break
+        generated.append(token)
+        out.write(decoder.push(token))
+        out.flush()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    return generated + [engine.assistant_end]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # --- load the model; the checkpoint brings its own tokenizer
+    from nanochat.checkpoint_manager import load_model
+    device = resolve_device_type(args.device)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+    bos, user_start, user_end, assistant_start = (tokenizer.encode_special(name) for name in
+                                                  ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>"))
+    window = model.config.sequence_len
+
+    def user_turn(text):
+        return [user_start] + tokenizer.encode(text) + [user_end, assistant_start]
+
+    # --- one prompt and exit
+    if args.prompt is not None:
+        tokens = [bos] + user_turn(args.prompt)
+        if len(tokens) >= window:
+            raise NanochatError(f"the prompt is {len(tokens)} tokens; this model's context window is {window}")
+        answer(engine, tokenizer, tokens, args, sys.stdout)
+        return 0
+
+    # --- interactive loop
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"nanochat ({args.source} step {meta.get('step')}, {model.num_params() / 1e6:.1f}M params, {device}). "
+              f"Type 'clear' for a new chat, 'quit' to leave.")
+    tokens = [bos]
+    while True:
+        try:
+            text = input("\nUser: " if interactive else "")
+        except EOFError:
+            print()
+            return 0
+        text = text.strip()
+        if text in ("quit", "exit"):
+            return 0
+        if text == "clear":
+            tokens = [bos]
+            print("(new conversation)")
+            continue
+        if not text:
+            continue
+        turn = user_turn(text)
+        if len(tokens) + len(turn) >= window - 1:
+            if 1 + len(turn) >= window - 1:
+                print(f"(that message is too long for this model's {window}-token window)")
+                continue
+            print("(the conversation filled the context window; starting a new one)")
+            tokens = [bos]
+        tokens += turn
+        if interactive:
+            print("\nAssistant: ", end="", flush=True)
+        try:
+            tokens += answer(engine, tokenizer, tokens, args, sys.stdout)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n(stopped)")
+            tokens += [engine.assistant_end]
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,84 @@
+"""
+scripts.chat_cli: answers from a saved checkpoint (its tokenizer comes along), streams, takes
+`clear`/`quit`, and a missing checkpoint is a one-line error.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanochat.checkpoint_manager as cm
+from nanochat.engine import Engine, StreamDecoder
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import CharTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789 +-*/=?"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    tokenizer = CharTokenizer.train_from_iterator([CORPUS])
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(1, vocab_size=tokenizer.get_vocab_size(), sequence_len=128))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
+    meta = {"model_config": model.config.to_dict(), "arch": "nanochat", "train_args": {}, "metrics": {}}
+    cm.save_checkpoint(str(base / "chatsft_checkpoints" / "tiny"), 5, model.state_dict(), None, meta, tokenizer)
+    return base, model.eval(), tokenizer
+
+
+def run_cli(base, *args, stdin=""):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def expected_answer(model, tokenizer, history):
+    """What greedy decoding says after `history` (a list of user messages, each answered greedily)."""
+    engine = Engine(model, tokenizer)
+    sp = tokenizer.encode_special
+    tokens, text = [tokenizer.get_bos_token_id()], None
+    for message in history:
+        tokens += [sp("<|user_start|>")] + tokenizer.encode(message) + [sp("<|user_end|>"), sp("<|assistant_start|>")]
+        results, _ = engine.generate_batch(tokens, max_tokens=20, temperature=0.0)
+        out = results[0][len(tokens):]
+        decoder = StreamDecoder(tokenizer)
+        text = "".join(decoder.push(t) for t in out) + decoder.flush()
+        tokens += out + [engine.assistant_end]
+    return text
+
+
+def test_one_prompt_answers_from_the_checkpoint_and_exits(checkpoint):
+    base, model, tokenizer = checkpoint
+    result = run_cli(base, "-i", "sft", "-p", "the fox?", "-t", "0", "--max-tokens", "20", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    expected = expected_answer(model, tokenizer, ["the fox?"])
+    assert result.stdout == expected + "\n"
+
+
+def test_interactive_session_keeps_history_clears_and_quits(checkpoint):
+    base, model, tokenizer = checkpoint
+    result = run_cli(base, "-i", "sft", "-g", "tiny", "-s", "5", "-t", "0", "--max-tokens", "20", "--device", "cpu",
+                     stdin="hello\nthe dog\nclear\nthe dog\nquit\nnever answered\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0] == expected_answer(model, tokenizer, ["hello"])
+    assert lines[1] == expected_answer(model, tokenizer, ["hello", "the dog"])  # answered with history
+    assert lines[2] == "(new conversation)"
+    assert lines[3] == expected_answer(model, tokenizer, ["the dog"])  # after clear: no history
+    assert lines[4:] == [""]  # quit: nothing more was answered
+    assert lines[1] != lines[3]  # the history really changed the answer (else the checks above prove little)
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    result = run_cli(tmp_path, "-i", "rl", "-p", "hi", "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no rl checkpoints")
