@@ -27,6 +27,7 @@ from nanochat.gpt import GPT, config_from_depth  # noqa: E402
 
 REFERENCE_TOKENS_PER_S = 1400
 REFERENCE_FWD_BWD_PEAK = 0.39
+REFERENCE_PEAK = 149e9  # FLOP/s of a 2048^3 fp32 matmul when the reference was measured
 
 
 def sync(device):
@@ -119,9 +120,12 @@ def main(argv=None):
             opt.step()
         model.zero_grad(set_to_none=True)
 
-    # --- timed steps
-    fb_times, opt_times = [], []
+    # --- timed steps. On a shared CPU the machine's speed drifts, so a short matmul peak is
+    # measured right before every step and each step is also judged against its own peak.
+    fb_times, opt_times, peaks = [], [], []
     for _ in range(args.steps):
+        if device.type == "cpu":
+            peaks.append(matmul_peak(device, torch.float32, repeats=2))
         sync(device)
         t0 = time.perf_counter()
         fwd_bwd()
@@ -139,30 +143,38 @@ def main(argv=None):
     # --- report
     def line(name, times, flops=None):
         best, med = min(times), statistics.median(times)
-        extra = f"  fwd+bwd {flops * tokens / best / 1e9:.1f} GFLOP/s (best), {flops * tokens / med / 1e9:.1f} (median)" if flops else ""
+        extra = f"  {flops * tokens / best / 1e9:.1f} GFLOP/s best, {flops * tokens / med / 1e9:.1f} median" if flops else ""
         print(f"{name:<10} best {best * 1e3:8.1f} ms  median {med * 1e3:8.1f} ms  -> {tokens / best:9,.0f} tokens/s best, "
               f"{tokens / med:9,.0f} median{extra}")
 
     line("fwd+bwd", fb_times, flops_per_token)
     line("optimizer", opt_times)
     line("full step", step_times)
-    fb_flops_best = flops_per_token * tokens / min(fb_times)
-    fb_flops_med = flops_per_token * tokens / statistics.median(fb_times)
     tok_best, tok_med = tokens / min(step_times), tokens / statistics.median(step_times)
     print(f"optimizer adds {statistics.median(opt_times) / statistics.median(fb_times):.0%} on top of fwd+bwd (median)")
     if device.type == "cpu":
-        peak = matmul_peak(device, torch.float32)
-        print(f"matmul peak (2048^3 fp32, measured now): {peak / 1e9:.1f} GFLOP/s")
-        print(f"fwd+bwd at {fb_flops_best / peak:.0%} of peak (best), {fb_flops_med / peak:.0%} (median); "
-              f"reference {REFERENCE_FWD_BWD_PEAK:.0%}  [goal >= 60%]")
+        peak = max(peaks)
+        fb_flops = [flops_per_token * tokens / t for t in fb_times]
+        own = [f / p for f, p in zip(fb_flops, peaks)]  # each step against the peak measured just before it
+        print(f"matmul peak (2048^3 fp32) measured before each step: best {peak / 1e9:.1f} GFLOP/s, "
+              f"median {statistics.median(peaks) / 1e9:.1f}, worst {min(peaks) / 1e9:.1f}"
+              f"{'  (the CPU is busy with other work: figures are noisy)' if min(peaks) < 0.8 * peak else ''}")
+        print(f"fwd+bwd vs the peak measured just before the step: best {max(own):.0%}, median {statistics.median(own):.0%}; "
+              f"vs the run's best peak: {max(fb_flops) / peak:.0%}. Reference {REFERENCE_FWD_BWD_PEAK:.0%}  [goal >= 60%]")
         print(f"full step {tok_best:,.0f} tokens/s best, {tok_med:,.0f} median = {tok_best / REFERENCE_TOKENS_PER_S:.2f}x / "
               f"{tok_med / REFERENCE_TOKENS_PER_S:.2f}x the reference {REFERENCE_TOKENS_PER_S:,} tokens/s  [goal >= 2,100 = 1.5x]")
+        # The reference was measured when a 2048^3 matmul reached 149 GFLOP/s; scale ours to that machine state.
+        scaled = [tokens / st * REFERENCE_PEAK / pk for st, pk in zip(step_times, peaks)]
+        print(f"full step scaled to the reference's {REFERENCE_PEAK / 1e9:.0f} GFLOP/s peak: best {max(scaled):,.0f} tokens/s, "
+              f"median {statistics.median(scaled):,.0f} ({max(scaled) / REFERENCE_TOKENS_PER_S:.2f}x / "
+              f"{statistics.median(scaled) / REFERENCE_TOKENS_PER_S:.2f}x the reference)")
     else:
         name = torch.cuda.get_device_name(device)
         peak = peak_flops_for_device(name)
         full_flops = flops_per_token * tokens / min(step_times)
+        fb_best = flops_per_token * tokens / min(fb_times)
         if peak:
-            print(f"{name}: MFU full step {full_flops / peak:.1%} (best), fwd+bwd {fb_flops_best / peak:.1%}  [goal >= 50%]")
+            print(f"{name}: MFU full step {full_flops / peak:.1%} (best), fwd+bwd {fb_best / peak:.1%}  [goal >= 50%]")
         else:
             print(f"{name}: no bf16 peak known for this GPU; achieved {full_flops / 1e12:.1f} TFLOP/s")
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")

@@ -143,11 +143,13 @@ _ALLOCATOR_CONFIGURED = False
 
 def configure_cpu_allocator():
     """Keep freed memory in the process instead of handing it back to the OS. glibc serves
-    allocations >= 128 KiB with fresh mmap()s and returns them on free, so every large temporary
-    of a CPU training step (activations, logits chunks) pays page faults again, ~15-20% of a d4
-    step. Raising the mmap threshold to glibc's maximum (32 MiB) and the trim threshold to 1 GiB
-    makes the allocations reuse the heap. Linux/glibc only; a no-op elsewhere. Called by
-    setup_optimizers() when training on CPU."""
+    allocations >= 128 KiB (up to 32 MiB, adaptively) with fresh mmap()s and unmaps them on free,
+    so every large temporary of a CPU training step (activations, the tokens x vocab logits) pays
+    its page faults again on every step: 30-40% of a d4 step, e.g. allocating a 128 MiB logits
+    tensor costs as much as the matmul that fills it. With mmap off and trimming practically
+    off, the heap grows to the step's peak once and is reused. (glibc still falls back to mmap
+    if the heap cannot grow.) Linux/glibc only; a no-op elsewhere. Called by setup_optimizers()
+    when training on CPU; the same can be had with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
     global _ALLOCATOR_CONFIGURED
     if _ALLOCATOR_CONFIGURED:
         return
@@ -158,9 +160,9 @@ def configure_cpu_allocator():
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
         libc.mallopt(M_TOP_PAD, 64 * 1024 * 1024)
     except (OSError, AttributeError):
         pass
@@ -251,49 +253,50 @@ def apply_rotary(x, cos, sin):
 
 class _SoftcapCrossEntropyCPU(torch.autograd.Function):
     """Per-token loss of softcap * tanh(x @ W^T / softcap) against targets (-1: loss 0, no grad),
-    fused for CPU: the 1/softcap rides on the matmul (alpha), tanh/exp/sum run in place on row
-    chunks that stay in cache, and the backward turns the saved tanh into the logit gradient
-    (softmax - onehot) * (1 - t^2) in place, then does two big matmuls. Autograd's version makes
-    ~10 full passes over the (tokens x vocab) logits; this makes ~5. Since |logits| <= softcap,
-    exp() cannot overflow in fp32 for softcap <= 80, so no max-subtraction is needed."""
-    CHUNK = 128  # rows per in-cache elementwise chunk (128 x 8192 x 4 B = 4 MiB)
+    fused for CPU. The 1/softcap is applied to x before the matmul; the forward keeps t = tanh(.) and the
+    softmax p in two (N, V) buffers; the backward turns them in place into the logit gradient
+    (p - onehot) * (1 - t^2) and does two big matmuls. Autograd's version makes ~12 passes over
+    the (tokens x vocab) logits with as many temporaries; this makes 9 without temporaries, in a
+    few large row chunks (each op is a parallel region: few, big ones behave well even when the
+    machine's cores are shared). Since |logits| <= softcap, exp() cannot overflow in fp32 for
+    softcap <= 80, so no max-subtraction is needed."""
+    CHUNK = 1024  # rows per chunk
 
     @staticmethod
     def forward(ctx, x, W, targets, softcap):
         assert softcap <= 80.0
         N = x.size(0)
-        t = torch.addmm(x.new_zeros(()), x, W.t(), beta=0, alpha=1.0 / softcap)  # (N, V) = logits / softcap
+        t = torch.mm(x * (1.0 / softcap), W.t())  # (N, V) = logits / softcap (scaling x is cheaper)
+        p = torch.empty_like(t)
         lse = x.new_empty(N)
         for s in range(0, N, _SoftcapCrossEntropyCPU.CHUNK):
-            tc = t[s:s + _SoftcapCrossEntropyCPU.CHUNK]
+            e = s + _SoftcapCrossEntropyCPU.CHUNK
+            tc, pc = t[s:e], p[s:e]
             tc.tanh_()
-            torch.log(torch.exp(tc * softcap).sum(dim=1), out=lse[s:s + tc.size(0)])
+            torch.mul(tc, softcap, out=pc).exp_()
+            sumexp = pc.sum(dim=1, keepdim=True)
+            pc.div_(sumexp)  # softmax
+            torch.log(sumexp.squeeze(1), out=lse[s:e])
         valid = targets != -1
         safe = targets.clamp_min(0)
         target_logit = t.gather(1, safe[:, None]).squeeze(1).mul_(softcap)
         losses = (lse - target_logit) * valid
-        ctx.softcap = softcap
-        ctx.save_for_backward(x, W, t, lse, safe, valid)
+        ctx.save_for_backward(x, W, t, p, safe, valid)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        x, W, t, lse, safe, valid = ctx.saved_tensors
-        softcap = ctx.softcap
-        scale = (grad_losses * valid)[:, None]  # (N, 1)
-        N = x.size(0)
-        g = t  # reuse the saved buffer in place: it becomes d loss / d (x @ W^T)
-        rows = torch.arange(N)
-        for s in range(0, N, _SoftcapCrossEntropyCPU.CHUNK):
+        x, W, t, p, safe, valid = ctx.saved_tensors
+        scale = (grad_losses * valid)[:, None]  # (N, 1); ignored rows get no gradient
+        rows = torch.arange(x.size(0))
+        p[rows, safe] -= 1.0  # p - onehot
+        for s in range(0, x.size(0), _SoftcapCrossEntropyCPU.CHUNK):
             e = s + _SoftcapCrossEntropyCPU.CHUNK
-            tc = t[s:e]
-            one_minus_t2 = torch.addcmul(torch.ones((), dtype=tc.dtype), tc, tc, value=-1)
-            p = torch.exp(tc * softcap - lse[s:e, None])  # softmax
-            p[rows[:p.size(0)], safe[s:e]] -= 1.0
-            torch.mul(p, one_minus_t2, out=g[s:e]).mul_(scale[s:e])
-        grad_x = g @ W
-        grad_W = g.t() @ x
-        return grad_x, grad_W, None, None
+            tc, pc = t[s:e], p[s:e]
+            tc.mul_(tc).sub_(1.0).mul_(pc)  # (p - onehot) * (t^2 - 1) = -grad
+            tc.mul_(-scale[s:e])
+        g = t  # d loss / d (x @ W^T), written over the saved buffer
+        return g @ W, g.t() @ x, None, None
 
 
 def _reduce_loss(losses, targets, reduction):
