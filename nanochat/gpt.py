@@ -507,8 +507,9 @@ class GPT(nn.Module):
 
     def _rotary_slice(self, start, T):
         if start + T > self.cos.size(1):
-            cos, sin = self._rotary_tables(2 * (start + T), device=self.cos.device)
-            self.cos, self.sin = cos, sin
+            with torch.inference_mode(False):  # generate() runs in inference mode; training may follow
+                cos, sin = self._rotary_tables(2 * (start + T), device=self.cos.device)
+            self.cos, self.sin = cos.to(self.cos.dtype), sin.to(self.sin.dtype)
         return self.cos[:, start:start + T], self.sin[:, start:start + T]
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):

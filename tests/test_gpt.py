@@ -337,3 +337,15 @@ def test_fused_cpu_softcap_cross_entropy_matches_autograd_in_value_and_gradient(
     grads_got = torch.autograd.grad((got * weights).sum(), (x, W))
     for a, b in zip(grads_got, grads_expected):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rotary_tables_grow_past_ten_times_sequence_len_consistently():
+    model = randomize_(tiny(sequence_len=2)).eval()  # tables start at 20 positions
+    idx = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(2))
+    cache = ReferenceKVCache(model.config.n_layer)
+    with torch.inference_mode():
+        stepwise = torch.cat([model(idx[:, t:t + 1], kv_cache=cache) for t in range(30)], dim=1)
+    full = model(idx)  # outside inference mode, after the tables grew inside it
+    assert model.cos.size(1) >= 30
+    assert torch.allclose(stepwise, full, atol=1e-4)
+    full.sum().backward()  # the grown tables are usable for training
