@@ -274,14 +274,39 @@ def test_qwen2_logits_match_transformers_with_weights_copied_to_hf():
 # -----------------------------------------------------------------------------
 # Hugging Face export
 
+def train_tiny_bpe(texts, num_merges):
+    """A few byte-level BPE merges learned in pure Python (no rustbpe build needed): {bytes: rank}."""
+    import regex
+    from nanochat.tokenizer import SPLIT_PATTERN
+    words = [[bytes([b]) for b in chunk.encode("utf-8")] for t in texts for chunk in regex.findall(SPLIT_PATTERN, t)]
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(num_merges):
+        counts = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda pair: (counts[pair], pair))
+        ranks[best[0] + best[1]] = len(ranks)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [best[0] + best[1]]
+                i += 1
+    return ranks
+
+
 @pytest.fixture
 def bpe_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    from nanochat.tokenizer import RustBPETokenizer
+    from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS
     text = ["The quick brown fox jumps over the lazy dog. Numbers 12345 and émojis 🙂!\n",
             "Hello world, hello nanochat; don't stop   believing.\tTabs\r\nand CRLF.",
-            ] * 30
-    return RustBPETokenizer.train_from_iterator(iter(text), 256 + 9 + 60)
+            ] * 5
+    ranks = train_tiny_bpe(text, 60)
+    return RustBPETokenizer(ranks, {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)})
 
 
 def test_export_hf_loads_in_transformers_with_identical_logits_and_tokenizer(tmp_path, bpe_tokenizer):
@@ -349,3 +374,37 @@ def test_rotary_tables_grow_past_ten_times_sequence_len_consistently():
     assert model.cos.size(1) >= 30
     assert torch.allclose(stepwise, full, atol=1e-4)
     full.sum().backward()  # the grown tables are usable for training
+
+
+def _save_tiny_checkpoint(root, tok, arch):
+    from nanochat.checkpoint_manager import save_checkpoint
+    cfg = config_from_depth(1, tok.get_vocab_size(), arch=arch, sequence_len=32)
+    torch.manual_seed(0)
+    model = randomize_(GPT(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.2)
+    ckpt_dir = os.path.join(root, "ckpt", arch)
+    save_checkpoint(ckpt_dir, 5, model.state_dict(), None, {"model_config": cfg.to_dict(), "arch": arch}, tok)
+    return model.eval(), ckpt_dir
+
+
+def test_export_cli_turns_a_saved_qwen2_checkpoint_into_a_loadable_hf_folder(tmp_path, bpe_tokenizer):
+    from transformers import AutoModelForCausalLM
+    from scripts.export_hf import main
+    model, ckpt_dir = _save_tiny_checkpoint(tmp_path, bpe_tokenizer, "qwen2")
+    out = tmp_path / "exported"
+    main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(0, bpe_tokenizer.get_vocab_size(), (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max() <= 1e-4
+    with pytest.raises(NanochatError, match="already exists"):
+        main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
+
+
+def test_export_cli_refuses_a_nanochat_arch_checkpoint(tmp_path, bpe_tokenizer):
+    from scripts.export_hf import main
+    _, ckpt_dir = _save_tiny_checkpoint(tmp_path, bpe_tokenizer, "nanochat")
+    with pytest.raises(NanochatError, match="--arch qwen2"):
+        main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(tmp_path / "exported")])
