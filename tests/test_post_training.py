@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from nanochat.tokenizer import RustBPETokenizer
+import string
+
+from nanochat.tokenizer import CharTokenizer
 from scripts.chat_rl import group_advantages, pad_samples, policy_gradient_loss
 from scripts.chat_sft import ConversationBatches, sft_collate
 from scripts.mid_train import PackedConversations, lr_multiplier
@@ -31,9 +33,9 @@ TOOL_CONVERSATION = {"messages": [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    text = ["How many apples are in the boxes? He has 3 boxes of 12 apples, so 36 apples. " * 20,
-            "Spell the word banana: b-a-n-a-n-a. The letter a appears 3 times. " * 20]
-    return RustBPETokenizer.train_from_iterator(iter(text), vocab_size=256 + 9 + 40)
+    # the char tokenizer (pure Python) keeps these tests independent of the compiled BPE trainer;
+    # every stage only uses the shared tokenizer interface
+    return CharTokenizer.train_from_iterator([string.printable])
 
 
 def expected_supervision(tokenizer, ids):
@@ -146,10 +148,7 @@ def make_tiny_base_checkpoint(base_dir):
     """A tokenizer trained through the real trainer and a tiny random GPT saved as a base checkpoint."""
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.gpt import GPT, GPTConfig
-    text = ["Tom has 3 boxes of 12 apples. How many apples? 3*12 = 36. #### 36\n" * 5,
-            "Spell the word banana. How many times does the letter a appear in banana? 3\n" * 5,
-            "Hello! I am nanochat, a small language model. What can I help you with today?\n" * 5]
-    tok = RustBPETokenizer.train_from_iterator(iter(text), vocab_size=256 + 9 + 64)
+    tok = CharTokenizer.train_from_iterator([string.printable])
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=256, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_embd=32)
     model = GPT(config)
@@ -224,7 +223,7 @@ def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
 def test_sft_with_freeze_keeps_low_embedding_rows_bit_identical_and_rejects_index_above_vocab(pipeline):
     base_dir, _ = pipeline
     from nanochat.checkpoint_manager import load_model
-    freeze = 200
+    freeze = 60
     run_stage(base_dir, "scripts.chat_sft", "--offline", "--device", "cpu", "--num-iterations", "2",
               "--device-batch-size", "2", "--target-examples-per-step", "2", "--eval-every", "0", "--eval-steps", "1",
               "--eval-metrics-every", "0", "--eval-max-problems", "1", "--eval-max-new-tokens", "4",
