@@ -6,6 +6,7 @@ prompt, 128 new tokens, temperature 1.0 (full-vocab sampling). Throughput = gene
 seconds for the whole generate call (prefill included). Each case runs --repeats times after a
 warm-up; we print best and median, of wall-clock time and of this process's CPU time (which is
 much less sensitive to other processes competing for the cores; exact with --threads 1).
+"forward only" is the floor: the model's cached forwards with no sampling or bookkeeping.
 
     python -m dev.bench_engine                   # CPU
     python -m dev.bench_engine --threads 1       # what we report on the shared 2-core box
@@ -63,6 +64,19 @@ def run_engine(engine, prompt, batch, new_tokens, seed):
 
 
 @torch.inference_mode()
+def run_forward_only(engine, prompt, batch, new_tokens, seed):
+    """The floor: the same prefill + cached T=1 forwards, no sampling or bookkeeping. The gap to
+    run_engine is the engine's own per-token overhead."""
+    model, device = engine.model, engine.device
+    cache = engine._new_cache(batch, len(prompt) + new_tokens)
+    ids = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
+    logits = model(ids, kv_cache=cache)[:, -1, :]
+    for _ in range(new_tokens - 1):
+        logits = model(logits[:, :1].long().abs_().clamp_(max=100).view(-1, 1), kv_cache=cache)[:, -1, :]
+    return batch * new_tokens
+
+
+@torch.inference_mode()
 def run_no_cache(model, prompt, batch, new_tokens, seed):
     """Recompute the whole sequence every step (what the KV cache saves)."""
     device = model.lm_head.weight.device
@@ -81,8 +95,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_case(fn, repeats, device):
-    fn(seed=1000)  # warm-up (allocator, kernels, caches)
+def time_case(fn, repeats, device, warmup=True):
+    if warmup:
+        fn(seed=1000)  # warm-up (allocator, kernels, caches)
     walls, cpus = [], []
     for r in range(repeats):
         sync(device)
@@ -125,11 +140,13 @@ def main(argv=None):
     # --- the cases
     print(f"{'case':<22}{'batch':>6}{'wall best':>11}{'wall median':>13}{'cpu best':>10}{'cpu median':>12}  vs reference (wall best)")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        cases = [("engine (KV cache)", lambda seed: run_engine(engine, prompt, batch, args.new_tokens, seed))]
+        cases = [("engine (KV cache)", lambda seed: run_engine(engine, prompt, batch, args.new_tokens, seed)),
+                 ("forward only (floor)", lambda seed: run_forward_only(engine, prompt, batch, args.new_tokens, seed))]
         if not args.skip_no_cache:
             cases.append(("no cache (recompute)", lambda seed: run_no_cache(model, prompt, batch, args.new_tokens, seed)))
         for name, fn in cases:
-            walls, cpus = time_case(fn, args.repeats, device)
+            slow = name.startswith("no cache")  # ~100x slower: one untimed-warm-up-free run is plenty
+            walls, cpus = time_case(fn, 1 if slow else args.repeats, device, warmup=not slow)
             ratio = ""
             if name.startswith("engine") and batch in REFERENCE_TOK_S and device.type == "cpu":
                 ratio = f"{max(walls) / REFERENCE_TOK_S[batch]:.2f}x of {REFERENCE_TOK_S[batch]:.0f} tok/s"
