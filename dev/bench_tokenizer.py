@@ -33,10 +33,23 @@ TRAINERS = ["ours", "pypi", "hf"]
 # Child: train one tokenizer on the corpus and report time, peak memory and the ranks
 
 
+def peak_rss_mb():
+    """This process's peak resident memory. VmHWM starts afresh at exec, unlike ru_maxrss, which
+    a child inherits from the parent it was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def train_in_child(which, corpus_path, vocab_size, pattern, pypi_path, out_path):
     with open(corpus_path, encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
-    rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before_mb = peak_rss_mb()
     if which == "pypi":
         sys.path.insert(0, pypi_path)
     if which in ("ours", "pypi"):
@@ -64,9 +77,8 @@ def train_in_child(which, corpus_path, vocab_size, pattern, pypi_path, out_path)
         tok.train_from_iterator(iter(docs), trainer)
         seconds = time.perf_counter() - t0
         ranks = None
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(out_path, "wb") as f:
-        pickle.dump({"seconds": seconds, "peak_mb": peak_kb / 1024, "before_mb": rss_before_kb / 1024,
+        pickle.dump({"seconds": seconds, "peak_mb": peak_rss_mb(), "before_mb": rss_before_mb,
                      "ranks": ranks}, f)
 
 # -----------------------------------------------------------------------------
