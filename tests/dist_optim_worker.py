@@ -66,6 +66,39 @@ def train(arch, rank=0, world_size=1, micro_batches=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, state_sizes, [type(o).__name__ for o in optimizers]
 
 
+def train_toy(rank=0, world_size=1, micro_batches=1, force_all_reduce=False):
+    """The optimizers alone on odd shapes: a (5, 3) matrix and a size-5 vector (dim 0 not divisible
+    by 2: AdamW's replicated path), a size-4 vector (sharded path) and three same-shaped matrices for
+    Muon (one Muon slot is padding). force_all_reduce: use the all_reduce fallback of reduce-scatter."""
+    from nanochat import optim
+    from nanochat.common import is_ddp
+    optim._REDUCE_SCATTER_OK = not force_all_reduce
+    g = torch.Generator().manual_seed(0)
+    adam_params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g)),
+                   torch.nn.Parameter(torch.randn(4, generator=g))]
+    muon_params = [torch.nn.Parameter(torch.randn(6, 4, generator=g)) for _ in range(3)]
+    ddp = is_ddp()
+    adamw = (optim.DistAdamW if ddp else optim.AdamW)(adam_params, lr=0.05, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    muon = (optim.DistMuon if ddp else optim.Muon)(muon_params, lr=0.05, momentum=0.95)
+    for step in range(STEPS):
+        data = torch.randn(GLOBAL_BATCH, 3, generator=torch.Generator().manual_seed(step))
+        per_rank = GLOBAL_BATCH // world_size
+        data = data[rank * per_rank:(rank + 1) * per_rank]
+        for chunk in data.chunk(micro_batches):
+            h = chunk @ adam_params[0].T + adam_params[1]  # (b, 5)
+            h = torch.cat([h, adam_params[2][None].expand(h.size(0), 4)], dim=1)[:, :4]  # (b, 4)
+            for w in muon_params:
+                h = torch.tanh(torch.cat([h, h[:, :2]], dim=1) @ w)  # (b, 6) @ (6, 4)
+            loss = (h ** 2).mean() / micro_batches
+            loss.backward()
+        adamw.step()
+        muon.step()
+        for p in adam_params + muon_params:
+            p.grad = None
+    optim._REDUCE_SCATTER_OK = True
+    return [p.detach().clone() for p in adam_params + muon_params]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out-dir", required=True)
@@ -78,6 +111,8 @@ def main():
     for arch in ARCHS:
         weights, state_sizes, names = train(arch, rank, world)
         result[arch] = dict(weights=weights, state_sizes=state_sizes, optimizers=names)
+    result["toy"] = train_toy(rank, world)
+    result["toy_all_reduce"] = train_toy(rank, world, force_all_reduce=True)
     torch.save(result, os.path.join(args.out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -79,3 +79,11 @@ def test_two_rank_torchrun_matches_single_process_gradient_accumulation(tmp_path
             per_rank = [r[arch]["state_sizes"][i] for r in ranks]
             assert max(per_rank) < ref_state_sizes[i]
             assert sum(per_rank) >= ref_state_sizes[i]
+    # odd shapes (replicated AdamW path, padded Muon slot), with reduce-scatter and with its all_reduce fallback
+    reference = worker.train_toy(micro_batches=2)
+    for key in ("toy", "toy_all_reduce"):
+        for i, ref in enumerate(reference):
+            assert torch.equal(ranks[0][key][i], ranks[1][key][i])
+            err = _relative_error(ranks[0][key][i], ref)
+            assert err <= 1e-5, f"{key} param {i}: relative error {err:.2e}"
+
