@@ -6,7 +6,9 @@ prompt, 128 new tokens, temperature 1.0 (full-vocab sampling). Throughput = gene
 seconds for the whole generate call (prefill included). Each case runs --repeats times after a
 warm-up; we print best and median, of wall-clock time and of this process's CPU time (which is
 much less sensitive to other processes competing for the cores; exact with --threads 1).
-"forward only" is the floor: the model's cached forwards with no sampling or bookkeeping.
+"forward only" is the floor: the model's cached forwards with no sampling or bookkeeping;
+"baseline engine" is a straightforward engine (multinomial, per-row Python every step) on the same
+model, so engine-vs-baseline isolates what the engine itself saves under the same machine load.
 
     python -m dev.bench_engine                   # CPU
     python -m dev.bench_engine --threads 1       # what we report on the shared 2-core box
@@ -23,6 +25,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from nanochat.common import resolve_device_type, run_main
 from nanochat.engine import Engine, sample_next
@@ -74,6 +77,27 @@ def run_forward_only(engine, prompt, batch, new_tokens, seed):
     for _ in range(new_tokens - 1):
         logits = model(logits[:, :1].long().abs_().clamp_(max=100).view(-1, 1), kv_cache=cache)[:, -1, :]
     return batch * new_tokens
+
+
+@torch.inference_mode()
+def run_baseline_engine(engine, prompt, batch, new_tokens, seed):
+    """A straightforward KV-cache engine, the way one first writes it: torch.multinomial over the
+    softmax, a Python pass over every row every step (stop/tool checks), a fresh input tensor per
+    step, all rows decoded to the end. Same model and cache as run_engine: the gap is the engine."""
+    model, device = engine.model, engine.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    cache = engine._new_cache(batch, len(prompt) + new_tokens)
+    ids = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
+    done, n = [False] * batch, 0
+    for _ in range(new_tokens):
+        logits = model(ids, kv_cache=cache)[:, -1, :]
+        column = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=g)[:, 0].tolist()
+        for r, tok in enumerate(column):
+            if not done[r]:
+                n += 1
+                done[r] = tok in (engine.assistant_end, engine.bos)
+        ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+    return n
 
 
 @torch.inference_mode()
@@ -141,7 +165,8 @@ def main(argv=None):
     print(f"{'case':<22}{'batch':>6}{'wall best':>11}{'wall median':>13}{'cpu best':>10}{'cpu median':>12}  vs reference (wall best)")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         cases = [("engine (KV cache)", lambda seed: run_engine(engine, prompt, batch, args.new_tokens, seed)),
-                 ("forward only (floor)", lambda seed: run_forward_only(engine, prompt, batch, args.new_tokens, seed))]
+                 ("forward only (floor)", lambda seed: run_forward_only(engine, prompt, batch, args.new_tokens, seed)),
+                 ("baseline engine", lambda seed: run_baseline_engine(engine, prompt, batch, args.new_tokens, seed))]
         if not args.skip_no_cache:
             cases.append(("no cache (recompute)", lambda seed: run_no_cache(model, prompt, batch, args.new_tokens, seed)))
         for name, fn in cases:
