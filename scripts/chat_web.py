@@ -301,10 +301,13 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 
     # --- routes
 
+    with open(UI_PATH, "r", encoding="utf-8") as f:  # the page's settings start at the server's defaults
+        page = (f.read().replace("__TEMPERATURE__", f"{temperature:g}").replace("__TOP_K__", str(top_k))
+                .replace("__MAX_TOKENS__", str(max_tokens)))
+
     @app.get("/")
     async def index():
-        with open(UI_PATH, "r", encoding="utf-8") as f:
-            return HTMLResponse(f.read())
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
@@ -408,7 +411,7 @@ def main(argv=None):
     # --- load the replicas
     import torch
     import uvicorn
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import checkpoints_root, find_latest_tag, load_model
     device_type = resolve_device_type(args.device)
     if args.num_gpus < 1:
         raise NanochatError(f"-n {args.num_gpus}: need at least one replica")
@@ -424,7 +427,7 @@ def main(argv=None):
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         workers.append(Worker(model, tokenizer, index=i, device=device))
-    tag = args.model_tag or "latest"
+    tag = args.model_tag or find_latest_tag(checkpoints_root(args.source))
     model_name = f"nanochat-{args.source}-{tag}-step{meta.get('step')}"
 
     # --- serve

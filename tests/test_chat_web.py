@@ -114,6 +114,7 @@ def test_our_stream_sends_tokens_then_done(server, tokenizer):
 def test_page_health_and_stats_endpoints(server):
     status, page = request(server.url, "GET", "/")
     assert status == 200 and "<title>nanochat</title>" in page and "/chat/completions" in page
+    assert 'id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"' in page  # the server's default
     status, health = request(server.url, "GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["workers"] == 2
     status, stats = request(server.url, "GET", "/stats")
