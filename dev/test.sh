@@ -25,6 +25,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 
 # --- Rust unit tests, then the Python suite
-(cd rustbpe && cargo test --release -q)
+(cd rustbpe && cargo test -q)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 .venv/bin/python -m pytest -q "$@"
