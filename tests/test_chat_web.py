@@ -204,13 +204,38 @@ def test_32_concurrent_clients_are_all_answered_and_the_server_is_healthy_after(
     assert all(w["requests"] > 0 for w in after["workers"])  # both replicas took work
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_worker(tokenizer):
-    prompt_text = "the quick brown fox"
-    prompt = tokenizer.render_for_completion({"messages": user(prompt_text) + [{"role": "assistant", "content": ""}]})
+@pytest.fixture(scope="module")
+def slow_talker(tokenizer):
+    """A model whose greedy answer to "the quick brown fox" is >= 300 tokens, at >= 10 ms a token."""
+    prompt = tokenizer.render_for_completion({"messages": user("the quick brown fox") + [{"role": "assistant", "content": ""}]})
     model = long_talker(tokenizer, prompt, 300)
     forward = model.forward
-    model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]  # 300 tokens take > 3 s
-    app = create_app([Worker(model, tokenizer)], model_name=MODEL_NAME)
+    model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]
+    return model
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_worker(tokenizer, slow_talker):
+    with ChatServer(create_app([Worker(slow_talker, tokenizer)], model_name=MODEL_NAME)) as server:
+        u = urllib.parse.urlparse(server.url)
+        stalled = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        stalled.request("POST", "/chat/completions", body=json.dumps({"messages": user("the quick brown fox"),
+                                                                       "temperature": 0, "max_tokens": 300}),
+                        headers={"Content-Type": "application/json"})
+        t0 = time.time()  # ...and never reads the answer; the next user is served once it is generated
+        while request(server.url, "GET", "/health")[1]["available"] != 0:  # the stalled request has the worker
+            assert time.time() - t0 < 30
+            time.sleep(0.01)
+        status, body = request(server.url, "POST", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": 4})
+        assert status == 200 and body["choices"][0]["message"]["content"] is not None
+        assert time.time() - t0 < 60
+        _, stats = request(server.url, "GET", "/stats")
+        assert stats["workers"][0]["requests"] == 2 and stats["workers"][0]["tokens"] >= 300
+        stalled.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_worker(tokenizer, slow_talker):
+    prompt_text = "the quick brown fox"
+    app = create_app([Worker(slow_talker, tokenizer)], model_name=MODEL_NAME)
     with ChatServer(app) as server:
         u = urllib.parse.urlparse(server.url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
