@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import NanochatError
+from nanochat.execution import eval_calculator
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +179,6 @@ class StreamDecoder:
 
 def run_calculator(code):
     """The model's python block -> result text, or None when the calculator refuses it."""
-    from nanochat.execution import eval_calculator
     try:
         return eval_calculator(code)
     except Exception:  # a refusal must never take generation down
