@@ -286,6 +286,10 @@ class _SoftcapCrossEntropyCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("the fused CPU cross-entropy reuses its saved buffers: backward can run only once "
+                               "(no retain_graph=True through the loss)")
+        ctx.consumed = True
         x, W, t, e, sumexp, t_target, safe, valid = ctx.saved_tensors
         g = grad_losses * valid                    # (N,), ignored rows get nothing
         r = (g / sumexp)[:, None]                  # softmax normalisation, per row
