@@ -191,7 +191,8 @@ class _RMSNormCPU(torch.autograd.Function):
 
 
 def _plain_rms_norm(x, eps):
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The hand-written backward only pays off when there is a backward; decoding takes the fused op.
+    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return _RMSNormCPU.apply(x, eps)
     return F.rms_norm(x, (x.size(-1),), eps=eps)
 
@@ -248,6 +249,8 @@ def apply_rotary(x, cos, sin):
         d = x.size(-1) // 2
         x1, x2 = x[..., :d], x[..., d:]
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if not torch.is_grad_enabled():
+        return _rotate(x, cos, sin)  # no autograd.Function bookkeeping on the decode path
     return _RotaryFn.apply(x, cos, sin)
 
 
@@ -327,12 +330,27 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
 
+    def qkv_weight(self):
+        """q, k and v weights stacked for one matmul (they stay separate parameters: HF names, Muon per
+        matrix). Without grad (decoding) the stack is cached until a weight changes (its _version)."""
+        params = [self.c_q.weight, self.c_k.weight, self.c_v.weight]
+        if self.c_q.bias is not None:
+            params += [self.c_q.bias, self.c_k.bias, self.c_v.bias]
+        if torch.is_grad_enabled():
+            return torch.cat(params[:3]), (torch.cat(params[3:]) if len(params) > 3 else None)
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w = torch.cat(params[:3])
+                b = torch.cat(params[3:]) if len(params) > 3 else None
+            cached = self._qkv_cache = (key, w, b)
+        return cached[1], cached[2]
+
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # One matmul for q, k and v (the weights stay separate parameters: HF names, Muon per matrix).
-        weight = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight))
-        bias = None if self.c_q.bias is None else torch.cat((self.c_q.bias, self.c_k.bias, self.c_v.bias))
+        weight, bias = self.qkv_weight()
         qkv = F.linear(x, weight, bias).view(B, T, H + 2 * Hkv, D)
         qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # rotary (and QK-norm) on q and k together
         if self.qk_norm:
@@ -382,6 +400,8 @@ class _ReluSquaredFn(torch.autograd.Function):
 def relu_squared(x):
     if torch.compiler.is_compiling():
         return F.relu(x).square()
+    if not torch.is_grad_enabled():
+        return torch.relu(x).square_()
     return _ReluSquaredFn.apply(x)
 
 
