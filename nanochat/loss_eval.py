@@ -36,4 +36,35 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_bytes)
     if total_bytes.item() == 0:
         return float("inf")
-    return (total_nats / (math.log(2) * total_bytes)).item()
+    return (total_nats / (math.log(2) * total_bytes.double())).item()
+
+
+@torch.no_grad()
+def unigram_bpb(train_batches, val_batches, steps, token_bytes):
+    """Bits per byte of the best model that ignores context: token frequencies counted over `steps`
+    train batches (add-one smoothed), scored on `steps` val batches like evaluate_bpb. It is the
+    baseline a trained model has to beat clearly to show it learned more than token frequencies."""
+    V = token_bytes.numel()
+    counts = torch.ones(V, dtype=torch.float64, device=token_bytes.device)
+    for _ in range(steps):
+        _, y = next(train_batches)
+        y = y.reshape(-1)
+        counts += torch.bincount(y[y >= 0], minlength=V)[:V].double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    nats_of = counts.sum().log() - counts.log()  # (V,) -log p(token)
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        _, y = next(val_batches)
+        y = y.reshape(-1)
+        y = y[y >= 0]
+        nbytes = token_bytes[y]
+        total_nats += (nats_of[y] * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return (total_nats / (math.log(2) * total_bytes.double())).item()

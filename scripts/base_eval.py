@@ -43,7 +43,7 @@ def main(argv=None):
     from nanochat import core_eval
     from nanochat.checkpoint_manager import load_model
     from nanochat.dataloader import tokenizing_distributed_data_loader
-    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.loss_eval import evaluate_bpb, unigram_bpb
     from nanochat.tokenizer import get_token_bytes
 
     # --- compute and model -------------------------------------------------------------------
@@ -67,6 +67,13 @@ def main(argv=None):
             bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         loader.close()
         print0(f"{split} bpb: {bpb[split]:.4f}")
+    # the context-free baseline on the same tokens: a model that learned anything beats it clearly
+    loaders = [tokenizing_distributed_data_loader(tokenizer, B, T, split, device=device, rank=rank, world_size=world_size,
+                                                  data_dir=args.data_dir) for split in ("train", "val")]
+    bpb["unigram"] = unigram_bpb(loaders[0], loaders[1], steps, token_bytes)
+    for loader in loaders:
+        loader.close()
+    print0(f"unigram baseline val bpb: {bpb['unigram']:.4f} (model/baseline: {bpb['val'] / bpb['unigram']:.2f})")
 
     # --- greedy samples ---------------------------------------------------------------------------
     samples = []
@@ -97,6 +104,7 @@ def main(argv=None):
     if rank == 0:
         from nanochat.report import get_report
         data = [{"Checkpoint": f"{args.source} step {meta['step']}", "train bpb": bpb["train"], "val bpb": bpb["val"],
+                 "unigram baseline val bpb": bpb["unigram"],
                  "CORE": core["core"] if core else core_line}]
         if core:
             data.append({f"CORE {k} (centered)": v for k, v in core["centered"].items()})
