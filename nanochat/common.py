@@ -4,6 +4,7 @@ init/teardown, rank-0 printing, atomic file writes, and the one user-facing erro
 type with its one-line handler.
 """
 
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -35,6 +36,14 @@ def run_main(main, argv=None):
         compute_cleanup()
         sys.exit(130)
     sys.exit(rc or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error for a wrong flag (what is wrong + where to look) and exit code 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ tokenizer trainer), and `load_pretokenized` (token shards, checked against the m
 tokenizer fingerprint and vocab size).
 """
 
-import argparse
 import concurrent.futures
 import contextlib
 import http.client
@@ -40,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 
-from nanochat.common import NanochatError, atomic_path, atomic_write_json, format_duration, get_base_dir, read_json
+from nanochat.common import ArgumentParser, NanochatError, atomic_path, atomic_write_json, format_duration, get_base_dir, read_json
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 DEFAULT_NUM_SHARDS_TOTAL = 1823  # shard_00000 .. shard_01822; the last one is the validation shard
@@ -792,7 +791,7 @@ def _verify_tokens(tokens, entry, meta, path, model_vocab_size):
 # Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nanochat.dataset",
         description="Fill <base>/base_data with parquet shards of documents (last shard = validation): "
                     "download FineWeb-Edu (-n N), build the offline corpus (--embedded), convert local files "

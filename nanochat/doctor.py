@@ -12,11 +12,10 @@ freeze index; shard token-id ranges; free disk and device memory for the planned
 mismatch, 0 otherwise (warnings don't fail). `check_all(...)` returns the same rows for stage scripts.
 """
 
-import argparse
 import os
 import shutil
 
-from nanochat.common import NanochatError, get_base_dir, read_json, run_main
+from nanochat.common import ArgumentParser, NanochatError, get_base_dir, read_json, run_main
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "MISMATCH", "skip"
 
@@ -227,7 +226,7 @@ def preflight(**kwargs):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check that tokenizer, data and checkpoint agree before a run")
+    parser = ArgumentParser(description="Check that tokenizer, data and checkpoint agree before a run")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default <base>/tokenizer)")
     parser.add_argument("--checkpoint", default=None, help="step dir, tag dir, or base|mid|sft|rl (newest)")
     parser.add_argument("--data", default=None, help="parquet shard dir (default <base>/base_data)")

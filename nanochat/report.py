@@ -14,7 +14,6 @@ The summary table has rows CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval
 metrics of each stage's sections ("-" where nothing was logged).
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -27,7 +26,7 @@ import subprocess
 import time
 import zlib
 
-from nanochat.common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_base_dir, get_rank, run_main
+from nanochat.common import ArgumentParser, atomic_write_bytes, atomic_write_json, atomic_write_text, get_base_dir, get_rank, run_main
 
 SECTION_ORDER = [
     "Tokenizer training", "Tokenizer evaluation", "Tokenizer extension", "Base model training", "Base model loss",
@@ -408,7 +407,7 @@ def get_report():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Reset or generate the nanochat report card")
+    parser = ArgumentParser(description="Reset or generate the nanochat report card")
     parser.add_argument("command", choices=["reset", "generate"])
     parser.add_argument("--no-matplotlib", action="store_true", help="draw plots with the built-in PNG writer")
     args = parser.parse_args(argv)

@@ -10,19 +10,18 @@ and the CORE metric on the DCLM eval bundle (downloaded once into <base>/eval_bu
 If the bundle cannot be had, CORE is reported as skipped with the reason; everything else still runs.
 """
 
-import argparse
 from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import NanochatError, compute_cleanup, compute_init, print0, resolve_device_type, run_main
+from nanochat.common import ArgumentParser, NanochatError, compute_cleanup, compute_init, print0, resolve_device_type, run_main
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:", "My favorite color is red because"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a base model: bits per byte, samples, CORE.")
+    p = ArgumentParser(description="Evaluate a base model: bits per byte, samples, CORE.")
     p.add_argument("-i", "--source", default="base", choices=["base", "mid", "sft", "rl"], help="checkpoint family")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the most recent)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")

@@ -15,7 +15,6 @@ sizes, special-token ids), and stops with one line naming every disagreement oth
 position and RNG. A non-finite loss or gradient norm stops the run before the optimizer update.
 """
 
-import argparse
 import math
 import os
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager as cm
-from nanochat.common import (NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
                              init_wandb, peak_flops_for_device, print0, read_json, resolve_device_type, run_main)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -33,7 +32,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the base model.")
+    p = ArgumentParser(description="Pretrain the base model.")
     # model
     p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64*depth")
     p.add_argument("--arch", default="nanochat", choices=["nanochat", "qwen2"], help="Transformer block flavour")

@@ -9,16 +9,15 @@ naming the stage (and optionally tag/step) is enough. Answers stream as they are
 Commands: `clear` starts a new conversation, `quit` or `exit` (or Ctrl-D) leaves.
 """
 
-import argparse
 import random
 import sys
 
-from nanochat.common import NanochatError, resolve_device_type, run_main
+from nanochat.common import ArgumentParser, NanochatError, resolve_device_type, run_main
 from nanochat.engine import Engine, StreamDecoder
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Chat with a nanochat checkpoint in the terminal.")
+    parser = ArgumentParser(description="Chat with a nanochat checkpoint in the terminal.")
     parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")

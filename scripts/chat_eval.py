@@ -16,14 +16,13 @@ Run:
 Under torchrun the problems are sharded by rank and the counts all-reduced.
 """
 
-import argparse
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import NanochatError, compute_cleanup, compute_init, format_duration, print0, run_main
+from nanochat.common import ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, print0, run_main
 
 ONLINE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 OFFLINE_TASKS = ["Arithmetic", "SimpleSpelling", "SpellingBee", "HumanEval"]
@@ -183,7 +182,7 @@ def run_task_eval(task, tokenizer, model, engine, args_like, rank=0, world_size=
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a chat model on tasks and compute ChatCORE.")
+    parser = ArgumentParser(description="Evaluate a chat model on tasks and compute ChatCORE.")
     parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
                         help="which checkpoint family to evaluate")
     parser.add_argument("-a", "--tasks", default=None,

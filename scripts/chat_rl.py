@@ -16,14 +16,13 @@ Run:
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --num-samples 16
 """
 
-import argparse
 import contextlib
 import os
 import time
 
 import torch
 
-from nanochat.common import (NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
                              init_wandb, print0, run_main)
 from scripts.chat_sft import all_reduce_mean, gather_rank_states
 
@@ -81,7 +80,7 @@ def policy_gradient_loss(logprobs, targets, advantages, num_valid):
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="On-policy RL (group-relative policy gradient) on math problems.")
+    parser = ArgumentParser(description="On-policy RL (group-relative policy gradient) on math problems.")
     parser.add_argument("-i", "--source", default="sft", choices=["sft", "mid"], help="checkpoint to start from")
     parser.add_argument("-g", "--model-tag", default=None)
     parser.add_argument("-s", "--step", type=int, default=None)

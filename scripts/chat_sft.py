@@ -17,7 +17,6 @@ Run:
 original vocab size if the tokenizer was extended, else nothing; 0 turns it off).
 """
 
-import argparse
 import contextlib
 import os
 import time
@@ -25,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
                              init_wandb, print0, run_main)
 
 
@@ -155,7 +154,7 @@ def all_reduce_mean(value, device):
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations (loss on assistant tokens only).")
+    parser = ArgumentParser(description="Supervised fine-tuning on conversations (loss on assistant tokens only).")
     parser.add_argument("-i", "--source", default="mid", choices=["base", "mid"], help="checkpoint to start from")
     parser.add_argument("-g", "--model-tag", default=None, help="tag of the source checkpoint (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="step of the source checkpoint (default: the last)")

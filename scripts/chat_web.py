@@ -15,7 +15,6 @@ a thread (the event loop never blocks on the model), and give the worker back as
 answer is done, the client disconnects, or it presses stop.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -24,7 +23,7 @@ import threading
 import time
 import uuid
 
-from nanochat.common import NanochatError, resolve_device_type, run_main
+from nanochat.common import ArgumentParser, NanochatError, resolve_device_type, run_main
 from nanochat.engine import Engine, StreamDecoder
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
@@ -395,7 +394,7 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 # Main: load one replica per device and serve
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Serve a nanochat checkpoint as a web chat and an OpenAI-compatible API.")
+    parser = ArgumentParser(description="Serve a nanochat checkpoint as a web chat and an OpenAI-compatible API.")
     parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")

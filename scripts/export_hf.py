@@ -18,7 +18,6 @@ refuses it rather than writing a model that silently gives different outputs.
 The exported vocabulary is the tokenizer's (the padding rows of our embedding/head are dropped).
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 
 import torch
 
-from nanochat.common import NanochatError, run_main, atomic_write_json
+from nanochat.common import ArgumentParser, NanochatError, atomic_write_json, run_main
 
 # our parameter name -> HF Qwen2ForCausalLM name; {i} is the layer index
 QWEN2_NAME_MAP = {
@@ -264,7 +263,7 @@ def export_model_to_hf(model, tokenizer, out_dir, overwrite=False):
 # CLI
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a nanochat checkpoint (--arch qwen2) to a Hugging Face folder")
+    parser = ArgumentParser(description="Export a nanochat checkpoint (--arch qwen2) to a Hugging Face folder")
     parser.add_argument("--source", default="base", help="base|mid|sft|rl (ignored with --checkpoint-dir)")
     parser.add_argument("--model-tag", default=None, help="checkpoint tag (default: the newest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last complete one)")

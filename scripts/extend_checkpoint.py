@@ -23,7 +23,6 @@ What it does:
   (`--freeze-until-index`).
 """
 
-import argparse
 import os
 
 import torch
@@ -31,13 +30,13 @@ import torch
 from nanochat.checkpoint_manager import (STAGE_DIRS, checkpoints_root, find_latest_tag, find_last_step,
                                          load_checkpoint, make_config, save_checkpoint, step_dirname,
                                          validate_checkpoint)
-from nanochat.common import NanochatError, get_base_dir, print0, run_main
+from nanochat.common import ArgumentParser, NanochatError, get_base_dir, print0, run_main
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import load_tokenizer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Grow a checkpoint's embedding and output head to an extended tokenizer")
+    parser = ArgumentParser(description="Grow a checkpoint's embedding and output head to an extended tokenizer")
     parser.add_argument("-i", "--source", default="base", choices=sorted(STAGE_DIRS), help="checkpoint family")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")

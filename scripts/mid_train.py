@@ -19,14 +19,13 @@ Run:
 original vocab size if the tokenizer was extended, else nothing; 0 turns it off).
 """
 
-import argparse
 import contextlib
 import os
 import time
 
 import torch
 
-from nanochat.common import (NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
                              init_wandb, print0, run_main)
 from scripts.chat_sft import all_reduce_mean, check_task_tokens_fit, gather_rank_states
 
@@ -112,7 +111,7 @@ def lr_multiplier(progress, warmdown_ratio):
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Midtraining: conversation format, tool use and multiple choice.")
+    parser = ArgumentParser(description="Midtraining: conversation format, tool use and multiple choice.")
     parser.add_argument("-i", "--source", default="base", choices=["base"], help="checkpoint family to start from")
     parser.add_argument("-g", "--model-tag", default=None, help="tag of the base checkpoint (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="step of the base checkpoint (default: the last)")

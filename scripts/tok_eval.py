@@ -9,10 +9,9 @@ Compared with the GPT-2 and GPT-4 (cl100k_base) encodings when tiktoken can load
 downloaded on first use, so offline they are skipped with a note.
 """
 
-import argparse
 import os
 
-from nanochat.common import NanochatError, get_base_dir, run_main
+from nanochat.common import ArgumentParser, NanochatError, get_base_dir, run_main
 from nanochat.tokenizer import load_tokenizer
 
 SAMPLE_TEXTS = {
@@ -45,7 +44,7 @@ SAMPLE_TEXTS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate tokenizer compression")
+    parser = ArgumentParser(description="Evaluate tokenizer compression")
     parser.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default <base>/tokenizer)")
     parser.add_argument("--max-chars", type=int, default=10_000_000, help="characters of train/val text to evaluate on")
     parser.add_argument("--data-dir", default=None, help="shard directory (default <base>/base_data)")

@@ -13,16 +13,15 @@ By default the extended tokenizer replaces --tokenizer-dir, and the parent is ke
 <tokenizer-dir>.parent-<fingerprint[:16]>.
 """
 
-import argparse
 import os
 import shutil
 
-from nanochat.common import NanochatError, get_base_dir, run_main
+from nanochat.common import ArgumentParser, NanochatError, get_base_dir, run_main
 from nanochat.tokenizer import extend_tokenizer, load_tokenizer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Add tokens to a trained tokenizer without renumbering existing ids")
+    parser = ArgumentParser(description="Add tokens to a trained tokenizer without renumbering existing ids")
     parser.add_argument("--tokenizer-dir", default=None, help="tokenizer to extend (default <base>/tokenizer)")
     parser.add_argument("--add-special", nargs="+", default=[], metavar="NAME", help="new special tokens, e.g. <|tool|>")
     parser.add_argument("--from-tokenizer", default=None, metavar="DIR",

@@ -11,16 +11,15 @@ or `-n N`), each capped at --doc-cap characters so a few huge documents cannot d
 The tokenizer directory is written atomically: a crash leaves the previous one (or none), never half of one.
 """
 
-import argparse
 import os
 import time
 
-from nanochat.common import NanochatError, format_duration, get_base_dir, run_main
+from nanochat.common import ArgumentParser, NanochatError, format_duration, get_base_dir, run_main
 from nanochat.tokenizer import SPECIAL_TOKENS, CharTokenizer, HFTokenizer, RustBPETokenizer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train the nanochat tokenizer")
+    parser = ArgumentParser(description="Train the nanochat tokenizer")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters per document")
     parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size including the 9 special tokens")
