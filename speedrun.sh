@@ -94,6 +94,7 @@ if [ "$NANOCHAT_PROFILE" = gpu ]; then
     MID_ARGS=(--device-batch-size "$DEVICE_BATCH_SIZE")
     SFT_ARGS=()
     EVAL_ARGS=()
+    MID_EVAL_ARGS=()
     RL_ARGS=()
     echo "nanochat speedrun: GPU profile, depth $DEPTH on $NPROC GPU(s), logs in $LOGS"
 else
@@ -103,15 +104,15 @@ else
     if [ "$NANOCHAT_PROFILE" = cpu ]; then
         DEPTH="${DEPTH:-4}"; VOCAB_SIZE="${VOCAB_SIZE:-4096}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
         DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"
-        BASE_ITERS="${BASE_ITERS:-600}"; MID_ITERS="${MID_ITERS:-300}"; SFT_ITERS="${SFT_ITERS:-300}"
-        EVAL_PROBLEMS="${EVAL_PROBLEMS:-100}"; MAX_CHARS=40000000
+        BASE_ITERS="${BASE_ITERS:-500}"; MID_ITERS="${MID_ITERS:-400}"; SFT_ITERS="${SFT_ITERS:-250}"
+        EVAL_PROBLEMS="${EVAL_PROBLEMS:-100}"; MAX_CHARS=40000000; SFT_LR_FRAC="${SFT_LR_FRAC:-0.3}"
         echo "nanochat speedrun: CPU profile (no GPU found): embedded offline corpus, depth $DEPTH, vocab $VOCAB_SIZE;"
         echo "  every stage runs, sized for ~30 minutes on 2 cores. Logs in $LOGS"
     else
         DEPTH="${DEPTH:-1}"; VOCAB_SIZE="${VOCAB_SIZE:-512}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-128}"
         DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-2}"
         BASE_ITERS="${BASE_ITERS:-3}"; MID_ITERS="${MID_ITERS:-2}"; SFT_ITERS="${SFT_ITERS:-2}"; RL_ITERS="${RL_ITERS:-1}"
-        EVAL_PROBLEMS="${EVAL_PROBLEMS:-2}"; MAX_CHARS=2000000
+        EVAL_PROBLEMS="${EVAL_PROBLEMS:-2}"; MAX_CHARS=2000000; SFT_LR_FRAC="${SFT_LR_FRAC:-0.3}"
         echo "nanochat speedrun: smoke profile: every stage for a few steps (checks that the stages fit together)"
     fi
     DATA_ARGS=(--embedded)
@@ -124,8 +125,11 @@ else
     BASE_EVAL_ARGS=(--device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --split-tokens "$(( ROWS * 16 ))" --skip-core)
     MID_ARGS=(--offline --device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
               --num-iterations "$MID_ITERS" --eval-every 0 --eval-steps 4)
+    # SFT starts at a larger fraction of the base LRs than on GPU (0.02 is tuned for d20; a tiny model needs more)
     SFT_ARGS=(--offline --device cpu --num-iterations "$SFT_ITERS" --device-batch-size 8 --target-examples-per-step 16
-              --eval-every 0 --eval-steps 4 --eval-metrics-every 0 --eval-max-problems "$EVAL_PROBLEMS" --eval-max-new-tokens 64)
+              --init-lr-frac "$SFT_LR_FRAC" --eval-every 0 --eval-steps 4 --eval-metrics-every 0
+              --eval-max-problems "$(( EVAL_PROBLEMS / 5 > 1 ? EVAL_PROBLEMS / 5 : 1 ))" --eval-max-new-tokens 96)
+    MID_EVAL_ARGS=(--offline --device cpu -a "Arithmetic|SpellingBee|SimpleSpelling" -x "$(( EVAL_PROBLEMS / 2 > 1 ? EVAL_PROBLEMS / 2 : 1 ))" -m 96)
     EVAL_ARGS=(--offline --device cpu -x "$EVAL_PROBLEMS" -m 96)
     RL_ARGS=(--offline --device cpu --num-iterations "${RL_ITERS:-20}" --examples-per-step 4 --num-samples 4
              --device-batch-size 8 --max-new-tokens 64 --eval-every 0 --eval-examples "$EVAL_PROBLEMS" --pass-k 2)
@@ -162,7 +166,7 @@ run_stage doctor "$PY" -m nanochat.doctor --depth "$DEPTH" --device-batch-size "
 resumable_stage base_train base_checkpoints "${TORCHRUN[@]}" scripts.base_train "${SEP[@]}" "${BASE_ARGS[@]}"
 run_stage base_eval "${TORCHRUN[@]}" scripts.base_eval "${SEP[@]}" "${BASE_EVAL_ARGS[@]}"
 resumable_stage mid_train mid_checkpoints "${TORCHRUN[@]}" scripts.mid_train "${SEP[@]}" "${MID_ARGS[@]}"
-run_stage mid_eval "${TORCHRUN[@]}" scripts.chat_eval "${SEP[@]}" -i mid "${EVAL_ARGS[@]}"
+run_stage mid_eval "${TORCHRUN[@]}" scripts.chat_eval "${SEP[@]}" -i mid "${MID_EVAL_ARGS[@]}"
 resumable_stage chat_sft chatsft_checkpoints "${TORCHRUN[@]}" scripts.chat_sft "${SEP[@]}" "${SFT_ARGS[@]}"
 run_stage sft_eval "${TORCHRUN[@]}" scripts.chat_eval "${SEP[@]}" -i sft "${EVAL_ARGS[@]}"
 if [ "${WITH_RL:-0}" = 1 ] || [ "$NANOCHAT_PROFILE" = smoke ]; then
