@@ -34,7 +34,7 @@ SECTION_ORDER = [
     "Chat evaluation rl",
 ]
 SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
-EXTRA_ROWS = ["Arithmetic", "SimpleSpelling"]
+EXTRA_ROWS = ["Arithmetic", "SimpleSpelling", "val bpb", "unigram baseline val bpb"]  # shown when logged
 COLUMNS = ["BASE", "MID", "SFT", "RL"]
 
 

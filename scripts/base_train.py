@@ -285,6 +285,7 @@ def main(argv=None):
     smooth_loss = 0.0
     total_time = 0.0
     loss_history = []  # [step, loss] of every step, for the report's loss curve
+    val_history = []   # [step, val bpb] of every evaluation, for the report's validation curve
     val_bpb, min_val_bpb = None, float("inf")
     if args.resume:
         loop = resume_meta.get("loop_state", {})
@@ -292,6 +293,7 @@ def main(argv=None):
         smooth_loss = loop.get("smooth_loss", 0.0)
         total_time = loop.get("total_time", 0.0)
         loss_history = loop.get("loss_history", [])
+        val_history = loop.get("val_history", [])
         val_bpb = resume_meta.get("metrics", {}).get("val_bpb")
         min_val_bpb = loop.get("min_val_bpb", float("inf"))
         cm.restore_rng_state(resume_meta["rng"][rank])
@@ -307,7 +309,7 @@ def main(argv=None):
             "dataloader_state": gather_per_rank(train_loader.state_dict()),
             "rng": gather_per_rank(cm.capture_rng_state()),
             "loop_state": {"smooth_loss": smooth_loss, "total_time": total_time, "loss_history": loss_history,
-                           "min_val_bpb": min_val_bpb, "num_iterations": num_iterations},
+                           "val_history": val_history, "min_val_bpb": min_val_bpb, "num_iterations": num_iterations},
         }
         path = cm.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta,
                                   tokenizer, rank=rank, keep_last=args.keep_last)
@@ -327,6 +329,7 @@ def main(argv=None):
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not resumed_here):
             val_bpb = evaluate_val_bpb()
             min_val_bpb = min(min_val_bpb, val_bpb)
+            val_history.append([step, val_bpb])
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
         if last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0 and not resumed_here):
@@ -393,6 +396,8 @@ def main(argv=None):
         report = get_report()
         if loss_history:
             report.log_series("train loss", [s for s, _ in loss_history], [v for _, v in loss_history], section="Base model training")
+        if val_history:
+            report.log_series("val bpb", [s for s, _ in val_history], [v for _, v in val_history], section="Base model training")
         report.log(section="Base model training", data=[
             {k: v for k, v in vars(args).items()},
             {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",
