@@ -104,7 +104,7 @@ else
     if [ "$NANOCHAT_PROFILE" = cpu ]; then
         DEPTH="${DEPTH:-4}"; VOCAB_SIZE="${VOCAB_SIZE:-4096}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
         DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"
-        BASE_ITERS="${BASE_ITERS:-500}"; MID_ITERS="${MID_ITERS:-400}"; SFT_ITERS="${SFT_ITERS:-250}"
+        BASE_ITERS="${BASE_ITERS:-800}"; MID_ITERS="${MID_ITERS:-600}"; SFT_ITERS="${SFT_ITERS:-300}"
         EVAL_PROBLEMS="${EVAL_PROBLEMS:-100}"; MAX_CHARS=40000000; SFT_LR_FRAC="${SFT_LR_FRAC:-0.3}"
         echo "nanochat speedrun: CPU profile (no GPU found): embedded offline corpus, depth $DEPTH, vocab $VOCAB_SIZE;"
         echo "  every stage runs, sized for ~30 minutes on 2 cores. Logs in $LOGS"
