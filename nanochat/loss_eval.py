@@ -16,6 +16,16 @@ import torch
 import torch.distributed as dist
 
 
+def _bits_per_byte(total_nats, total_bytes):
+    """Sum over ranks, then nats -> bits per byte (inf when no byte was scored)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return (total_nats / (math.log(2) * total_bytes.double())).item()
+
+
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
     """Bits per byte over `steps` batches of (inputs, targets) from the iterator `batches`.
@@ -31,12 +41,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = nbytes > 0
         total_nats += (loss.double() * counted).sum()
         total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    if total_bytes.item() == 0:
-        return float("inf")
-    return (total_nats / (math.log(2) * total_bytes.double())).item()
+    return _bits_per_byte(total_nats, total_bytes)
 
 
 @torch.no_grad()
@@ -62,9 +67,4 @@ def unigram_bpb(train_batches, val_batches, steps, token_bytes):
         nbytes = token_bytes[y]
         total_nats += (nats_of[y] * (nbytes > 0)).sum()
         total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    if total_bytes.item() == 0:
-        return float("inf")
-    return (total_nats / (math.log(2) * total_bytes.double())).item()
+    return _bits_per_byte(total_nats, total_bytes)
