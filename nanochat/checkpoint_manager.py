@@ -389,3 +389,23 @@ def load_model(source, device=None, phase="eval", model_tag=None, step=None):
             raise NanochatError(f"no complete {source} checkpoint in {checkpoint_dir}; run `python -m {stage}` first")
         step = find_last_step(checkpoint_dir)
     return build_model(checkpoint_dir, step, device, phase)
+
+
+def start_or_resume(stage, source, device, rank=0, resume=False, model_tag=None, step=None, output_tag=None):
+    """Where a post-training stage (mid|sft|rl) starts. Fresh: `source`'s checkpoint (tag/step default:
+    the newest), saving under <stage's folder>/<output_tag or model_tag or d{n_layer}>. With `resume`:
+    this stage's own newest complete checkpoint, its meta and this rank's optimizer state.
+    Returns (model, tokenizer, resume_meta or None, optimizer_states or None, checkpoint_dir, start_step)."""
+    root = checkpoints_root(stage)
+    if resume:
+        tag = output_tag or model_tag or find_latest_tag(root)
+        checkpoint_dir = os.path.join(root, tag or "?")
+        if tag is None or not list_complete_steps(checkpoint_dir):
+            raise NanochatError(f"--resume: no complete {stage} checkpoint in {root}; run without --resume first")
+        start_step = find_last_step(checkpoint_dir)
+        model, tokenizer, meta = build_model(checkpoint_dir, start_step, device, phase="train")
+        _, optimizer_states, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
+        return model, tokenizer, meta, optimizer_states, checkpoint_dir, start_step
+    model, tokenizer, _ = load_model(source, device, phase="train", model_tag=model_tag, step=step)
+    tag = output_tag or model_tag or f"d{model.config.n_layer}"
+    return model, tokenizer, None, None, os.path.join(root, tag), 0

@@ -17,12 +17,11 @@ Run:
 """
 
 import contextlib
-import os
 import time
 
 import torch
 
-from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
 from scripts.chat_sft import all_reduce_mean, gather_rank_states
 
@@ -121,9 +120,7 @@ def main(argv=None):
 
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
-    from nanochat.checkpoint_manager import (STAGE_DIRS, build_model, capture_rng_state, find_last_step,
-                                             find_latest_tag, list_complete_steps, load_checkpoint, load_model,
-                                             save_checkpoint)
+    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint, start_or_resume
     from nanochat.engine import Engine
     from scripts.chat_eval import run_generative_eval
     autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -131,22 +128,10 @@ def main(argv=None):
     wandb_run = init_wandb(args.run, "nanochat-rl", vars(args))
 
     # --- model (checks tokenizer/model agreement)
-    resume_state = None
-    if args.resume:
-        root = os.path.join(get_base_dir(), STAGE_DIRS["rl"])
-        tag = args.output_tag or args.model_tag or find_latest_tag(root)
-        checkpoint_dir = os.path.join(root, tag or "?")
-        if tag is None or not list_complete_steps(checkpoint_dir):
-            raise NanochatError(f"--resume: no complete RL checkpoint in {root}; run without --resume first")
-        start_step = find_last_step(checkpoint_dir)
-        model, tokenizer, resume_state = build_model(checkpoint_dir, start_step, device, phase="train")
-        _, optimizer_states, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
+        "rl", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag)
+    if resume_state is not None:
         print0(f"resuming RL from {checkpoint_dir} step {start_step}")
-    else:
-        model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-        tag = args.output_tag or args.model_tag or f"d{model.config.n_layer}"
-        checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["rl"], tag)
-        start_step = 0
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 

@@ -18,13 +18,12 @@ original vocab size if the tokenizer was extended, else nothing; 0 turns it off)
 """
 
 import contextlib
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
 
 
@@ -196,34 +195,17 @@ def main(argv=None):
 
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
-    from nanochat.checkpoint_manager import (STAGE_DIRS, build_model, find_last_step, list_complete_steps,
-                                             load_checkpoint, load_model, save_checkpoint, capture_rng_state)
+    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint, start_or_resume
     from nanochat.freeze import FrozenRows, resolve_freeze_index
     autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     wandb_run = init_wandb(args.run, "nanochat-sft", vars(args))
 
     # --- model: the source checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
-    resume_state = None
-    if args.resume:
-        tag = args.output_tag or args.model_tag
-        root = os.path.join(get_base_dir(), STAGE_DIRS["sft"])
-        if tag is None:
-            from nanochat.checkpoint_manager import find_latest_tag
-            tag = find_latest_tag(root)
-        checkpoint_dir = os.path.join(root, tag or "?")
-        if tag is None or not list_complete_steps(checkpoint_dir):
-            raise NanochatError(f"--resume: no complete SFT checkpoint in {root}; run without --resume first")
-        start_step = find_last_step(checkpoint_dir)
-        model, tokenizer, meta = build_model(checkpoint_dir, start_step, device, phase="train")
-        _, optimizer_states, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
-        resume_state = meta
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
+        "sft", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag)
+    if resume_state is not None:
         print0(f"resuming SFT from {checkpoint_dir} step {start_step}")
-    else:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-        tag = args.output_tag or args.model_tag or f"d{model.config.n_layer}"
-        checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], tag)
-        start_step = 0
     config = model.config
     vocab_size = tokenizer.get_vocab_size()
     freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)  # bad index: error before any work
