@@ -119,6 +119,28 @@ def read_json(path, what="file"):
         raise NanochatError(f"{what} is corrupt ({e.__class__.__name__}): {path}; delete it and recreate it") from None
 
 
+def read_utf8_text(path):
+    """A file's text, or a NanochatError saying it is not UTF-8 (and how to convert it)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanochatError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); "
+                            f"convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def iter_jsonl(path):
+    """(line number, object) for every non-blank line of a JSONL file; a bad line is a NanochatError naming it."""
+    for lineno, line in enumerate(read_utf8_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanochatError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+
+
 def sha256_hex(data):
     if isinstance(data, str):
         data = data.encode("utf-8")

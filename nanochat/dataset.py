@@ -27,7 +27,6 @@ import concurrent.futures
 import contextlib
 import http.client
 import itertools
-import json
 import os
 import random
 import re
@@ -39,7 +38,8 @@ import time
 import urllib.error
 import urllib.request
 
-from nanochat.common import ArgumentParser, NanochatError, atomic_path, atomic_write_json, format_duration, get_base_dir, read_json
+from nanochat.common import (ArgumentParser, NanochatError, atomic_path, atomic_write_json, format_duration, get_base_dir,
+                             iter_jsonl, read_json, read_utf8_text)
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 DEFAULT_NUM_SHARDS_TOTAL = 1823  # shard_00000 .. shard_01822; the last one is the validation shard
@@ -361,7 +361,7 @@ def build_embedded(data_dir, overwrite=False, docs_per_shard=2000, row_group_doc
                 "sources_chars": dict(sorted(sources.items()))}
     manifest = write_corpus(docs, data_dir, docs_per_shard, row_group_docs, val_fraction, manifest, overwrite)
     print_corpus_summary(manifest, data_dir)
-    print(f"sources: " + ", ".join(f"{k} {v / 1e6:.1f}M chars" for k, v in manifest["sources_chars"].items())
+    print("sources: " + ", ".join(f"{k} {v / 1e6:.1f}M chars" for k, v in manifest["sources_chars"].items())
           + f"; took {time.time() - t0:.1f}s", flush=True)
     if manifest["num_chars"] < EMBEDDED_MIN_CHARS:
         print(f"note: only {manifest['num_chars'] / 1e6:.1f}M characters found (goal {EMBEDDED_MIN_CHARS / 1e6:.0f}M); "
@@ -371,14 +371,6 @@ def build_embedded(data_dir, overwrite=False, docs_per_shard=2000, row_group_doc
 
 # -----------------------------------------------------------------------------
 # Custom corpora: local text / JSONL / parquet files -> shards
-
-def _decode_utf8_or_fail(data, path):
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NanochatError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); "
-                            f"convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
-
 
 def read_documents_from_file(path, text_field="text", txt_split="paragraph"):
     """Documents of one input file, by extension:
@@ -399,23 +391,14 @@ def read_documents_from_file(path, text_field="text", txt_split="paragraph"):
                                 f"pass --text-field")
         docs = [d for d in pq.read_table(path, columns=[text_field]).column(text_field).to_pylist() if d]
     elif ext in (".jsonl", ".ndjson"):
-        with open(path, "rb") as f:
-            text = _decode_utf8_or_fail(f.read(), path)
         docs = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanochatError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+        for lineno, obj in iter_jsonl(path):
             if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
                 raise NanochatError(f"{path}:{lineno} has no string field {text_field!r}; pass --text-field")
             if obj[text_field]:
                 docs.append(obj[text_field])
     elif ext in (".txt", ".md", ".text", ".rst"):
-        with open(path, "rb") as f:
-            text = _decode_utf8_or_fail(f.read(), path).replace("\r\n", "\n")
+        text = read_utf8_text(path).replace("\r\n", "\n")
         if txt_split == "file":
             docs = [text]
         elif txt_split == "line":

@@ -3,10 +3,9 @@ CustomJSON: conversations from a JSONL file, one per line, each either `{"messag
 list of messages. The repo ships tasks/identity_conversations.jsonl (who the model is).
 """
 
-import json
 import os
 
-from nanochat.common import NanochatError
+from nanochat.common import NanochatError, iter_jsonl
 from tasks.common import Task
 
 
@@ -22,20 +21,13 @@ class CustomJSON(Task):
         if not os.path.exists(self.filepath):
             raise NanochatError(f"conversation file not found: {self.filepath}")
         self.conversations = []
-        with open(self.filepath, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise NanochatError(f"{self.filepath}:{lineno} is not valid JSON ({e.msg}); fix that line") from None
-                messages = item["messages"] if isinstance(item, dict) else item
-                if not isinstance(messages, list) or len(messages) < 2 or \
-                        any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages):
-                    raise NanochatError(f"{self.filepath}:{lineno} is not a conversation "
-                                        "(want a list of {role, content} messages)")
-                self.conversations.append({"messages": messages})
+        for lineno, item in iter_jsonl(self.filepath):
+            messages = item["messages"] if isinstance(item, dict) else item
+            if not isinstance(messages, list) or len(messages) < 2 or \
+                    any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages):
+                raise NanochatError(f"{self.filepath}:{lineno} is not a conversation "
+                                    "(want a list of {role, content} messages)")
+            self.conversations.append({"messages": messages})
 
     def num_examples(self):
         return len(self.conversations)
