@@ -107,6 +107,16 @@ def letter_token_ids(tokenizer, letters):
     return ids
 
 
+def _show_progress(progress, passed, total, final=False):
+    """A running 'passed/total' line on a terminal (rank 0's share), ended with a newline when final."""
+    if not (progress and sys.stdout.isatty()):
+        return
+    if final:
+        print0()
+    else:
+        print0(f"\r\033[K{passed}/{total} ({100 * passed / max(total, 1):.2f}%) on rank 0", end="")
+
+
 @torch.no_grad()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, rank=0, world_size=1,
                          device="cpu", progress=True):
@@ -130,10 +140,8 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
             predicted = letters[int(answer_logits.argmax().item())]
             passed += int(bool(task.evaluate(conversation, predicted)))
             total += 1
-        if progress and sys.stdout.isatty():
-            print0(f"\r\033[K{passed}/{total} ({100 * passed / max(total, 1):.2f}%) on rank 0", end="")
-    if progress and sys.stdout.isatty():
-        print0()
+        _show_progress(progress, passed, total)
+    _show_progress(progress, passed, total, final=True)
     return _all_reduce_counts(passed, total, device)
 
 
@@ -157,10 +165,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=2
         outcomes = [bool(task.evaluate(conversation, completion)) for completion in completions]
         passed += int(any(outcomes))
         total += 1
-        if progress and sys.stdout.isatty():
-            print0(f"\r\033[K{passed}/{total} ({100 * passed / max(total, 1):.2f}%) on rank 0", end="")
-    if progress and sys.stdout.isatty():
-        print0()
+        _show_progress(progress, passed, total)
+    _show_progress(progress, passed, total, final=True)
     return _all_reduce_counts(passed, total, device)
 
 
