@@ -561,7 +561,7 @@ class HFTokenizer(_TokenizerBase):
 
 
 # -----------------------------------------------------------------------------
-# Extension: grow a vocabulary without renumbering any existing id (issue 7).
+# Extension: grow a vocabulary without renumbering any existing id (new tokens for a new language or domain).
 #
 # Every existing id keeps its token; new tokens get ids V0, V0+1, ... after everything there was,
 # so a model's embedding rows < V0 still mean what they meant. For BPE this puts new merges *after*

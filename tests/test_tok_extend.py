@@ -1,4 +1,4 @@
-"""Extending a trained tokenizer (issue 7 §1): new tokens are appended, no existing id ever changes,
+"""Extending a trained tokenizer : new tokens are appended, no existing id ever changes,
 and the result records where it came from."""
 
 import json

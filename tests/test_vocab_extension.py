@@ -1,4 +1,4 @@
-"""The seed scenario of issue 7 end to end on a tiny model: train with tokenizer V0, extend the
+"""Growing a trained model's vocabulary end to end on a tiny model: train with tokenizer V0, extend the
 vocabulary by 81 tokens (a second language's tokens + new specials), grow the checkpoint, train on
 with the old rows frozen, and check that the doctor tells a good setup from a mismatched one."""
 
