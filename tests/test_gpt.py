@@ -394,10 +394,3 @@ def test_export_cli_turns_a_saved_qwen2_checkpoint_into_a_loadable_hf_folder(tmp
         assert (model(idx) - hf(idx).logits).abs().max() <= 1e-4
     with pytest.raises(NanochatError, match="already exists"):
         main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
-
-
-def test_export_cli_refuses_a_nanochat_arch_checkpoint(tmp_path, bpe_tokenizer):
-    from scripts.export_hf import main
-    _, ckpt_dir = _save_tiny_checkpoint(tmp_path, bpe_tokenizer, "nanochat")
-    with pytest.raises(NanochatError, match="--arch qwen2"):
-        main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(tmp_path / "exported")])
