@@ -30,7 +30,8 @@ our own tokenizer folder in nanochat_tokenizer/. Then:
 Qwen2Tokenizer, which replaces our split pattern with Qwen's digit-by-digit one.)
 Two things the chat template cannot do as render_conversation does: special-token strings typed inside a
 message are read as special tokens (we encode them as plain text), and two adjacent text parts of one
-assistant message are tokenized as one text (we tokenize each part alone).
+assistant message are tokenized as one text (we tokenize each part alone). And transformers' generate()
+has no calculator: after <|python_end|> the model goes on by itself where our Engine inserts the tool's output.
 """
 
 import json
@@ -373,7 +374,11 @@ def export_model_to_hf(model, tokenizer, out_dir, overwrite=False):
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(os.path.join(tmp, "config.json"), hf_config_dict(cfg, tokenizer))
         if tokenizer is not None:
-            atomic_write_json(os.path.join(tmp, "generation_config.json"), _special_token_ids(tokenizer))
+            generation = _special_token_ids(tokenizer)
+            # what generate() fills finished rows of a batch with (not in config.json: there a padding
+            # index would freeze that token's embedding row in fine-tuning)
+            generation["pad_token_id"] = generation["bos_token_id"]
+            atomic_write_json(os.path.join(tmp, "generation_config.json"), generation)
             write_tokenizer_files(tokenizer, tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)

@@ -72,6 +72,9 @@ def test_exported_default_model_is_NanoChatForCausalLM_with_our_logits_on_random
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == "nanochat" and config["architectures"] == ["NanoChatForCausalLM"]
     assert config["vocab_size"] == tok.get_vocab_size()  # padding rows dropped
+    generation = json.load(open(os.path.join(out, "generation_config.json")))
+    # generate() stops where our Engine stops
+    assert generation["eos_token_id"] == [tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()]
     hf, _ = load_exported(out)
     assert type(hf).__name__ == "NanoChatForCausalLM"
     idx = torch.randint(0, tok.get_vocab_size(), (2, 48), generator=torch.Generator().manual_seed(7))

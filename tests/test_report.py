@@ -29,7 +29,8 @@ def png_size(path):
 
 
 def log_a_run(report):
-    report.log("Chat evaluation sft", [{"source": "sft"}, {"ARC-Easy": 0.41, "GSM8K": 0.05, "SpellingBee": 0.9}, {"ChatCORE": 0.2}])
+    report.log("Chat evaluation sft", [{"source": "sft"}, {"ARC-Easy": 0.41, "GSM8K": 0.05, "SpellingBee": 0.9},
+                                       {"ChatCORE": 0.2}])
     report.log("Base model training", [{"depth": 4, "val_bpb": 1.23}, "trained on the embedded corpus"])
     report.log("Base model evaluation", [{"CORE": 0.11}])
     report.log("Chat evaluation mid", [{"ARC-Easy": 0.33, "Arithmetic": 0.6}])
