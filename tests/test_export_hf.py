@@ -167,6 +167,16 @@ def test_export_cli_turns_a_saved_default_checkpoint_into_a_loadable_hf_folder(t
         main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
 
 
+def test_a_transformers_without_NanoChat_is_told_to_upgrade_and_nothing_is_written(tmp_path, tok, monkeypatch):
+    import types
+    import scripts.export_hf as export_hf
+    old = types.SimpleNamespace(__version__="4.57.6", Qwen2Config=transformers.Qwen2Config)  # the last 4.x
+    monkeypatch.setattr(export_hf, "import_transformers", lambda: old)
+    with pytest.raises(NanochatError, match=r"transformers 4.57.6 has no NanoChat model type; upgrade it"):
+        export_model_to_hf(random_model(tok), tok, tmp_path / "hf")
+    assert os.listdir(tmp_path) == []  # no out dir, no temp dir left behind
+
+
 def test_export_without_transformers_is_a_one_line_error_naming_the_hf_extra(tmp_path):
     # transformers made unimportable for the child process only
     code = ("import sys; sys.modules['transformers'] = None; from scripts.export_hf import main; "
