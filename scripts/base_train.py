@@ -397,7 +397,8 @@ def main(argv=None):
         if loss_history:
             report.log_series("train loss", [s for s, _ in loss_history], [v for _, v in loss_history], section="Base model training")
         if val_history:
-            report.log_series("val bpb", [s for s, _ in val_history], [v for _, v in val_history], section="Base model training")
+            report.log_series("val bpb", [s * args.total_batch_size for s, _ in val_history], [v for _, v in val_history],
+                              section="Base model training", x_label="tokens", y_label="val bpb (bits per byte)")
         report.log(section="Base model training", data=[
             {k: v for k, v in vars(args).items()},
             {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",

@@ -63,6 +63,9 @@ def test_three_steps_on_tiny_data_write_a_loadable_checkpoint(base):
     assert meta["metrics"]["val_bpb"] > 0 and meta["tokenizer_fingerprint"] == tok.fingerprint
     logits = model(torch.tensor([tok.encode("the cat", prepend="<|bos|>")]))
     assert torch.isfinite(logits).all()
+    # the report card's validation curve is plotted against tokens seen (3 steps x 128 tokens)
+    val_curve = json.load(open(base / "report" / "series" / "val-bpb.json"))
+    assert val_curve["x_label"] == "tokens" and val_curve["steps"][-1] == 3 * 128
 
 
 def test_resumed_run_repeats_every_loss_of_the_uninterrupted_run(base):
