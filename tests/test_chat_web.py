@@ -16,7 +16,6 @@ import urllib.parse
 
 import openai
 import pytest
-import torch
 
 import nanochat.checkpoint_manager as cm
 import scripts.chat_web as chat_web
@@ -147,7 +146,8 @@ BAD_REQUESTS = [
     ("total too long", json.dumps({"messages": [{"role": r, "content": "a" * MAX_MESSAGE_CHARS}
                                                 for r in ["user", "assistant"] * 3] + user("a")}).encode(), 413),
     ("unknown role", json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400),
-    ("last message not the user's", json.dumps({"messages": user("a") + [{"role": "assistant", "content": "b"}]}).encode(), 400),
+    ("last message not the user's",
+     json.dumps({"messages": user("a") + [{"role": "assistant", "content": "b"}]}).encode(), 400),
     ("roles do not alternate", json.dumps({"messages": user("a") + user("b")}).encode(), 400),
     ("temperature too high", json.dumps({"messages": user("a"), "temperature": 2.5}).encode(), 400),
     ("temperature negative", json.dumps({"messages": user("a"), "temperature": -0.1}).encode(), 400),
@@ -221,7 +221,8 @@ def test_32_concurrent_clients_are_all_answered_and_the_server_is_healthy_after(
 @pytest.fixture(scope="module")
 def slow_talker(tokenizer):
     """A model whose greedy answer to "the quick brown fox" is >= 300 tokens, at >= 10 ms a token."""
-    prompt = tokenizer.render_for_completion({"messages": user("the quick brown fox") + [{"role": "assistant", "content": ""}]})
+    prompt = tokenizer.render_for_completion({"messages": user("the quick brown fox")
+                                              + [{"role": "assistant", "content": ""}]})
     model = long_talker(tokenizer, prompt, 300)
     forward = model.forward
     model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]
