@@ -223,11 +223,11 @@ def check_fields(body, allowed, default_only):
     """Refuse unknown fields and fields set to something other than their default, naming them all."""
     unknown = sorted(k for k in body if k not in allowed and k not in default_only)
     unsupported = [k for k in default_only if not _is_default(body.get(k), DEFAULT_ONLY[k])]
-    if unknown or unsupported:
-        names = [f"{k}={json.dumps(body[k])}" for k in unsupported] + unknown
+    if unknown or unsupported:  # names, values and the list shortened: a hostile body can be huge
+        names = ([f"{k}={json.dumps(body[k])[:40]}" for k in unsupported] + [k[:40] for k in unknown])[:8]
         raise BadRequest(f"unsupported parameter{'s' if len(names) > 1 else ''}: {', '.join(names)} "
                          f"(this server does not implement {'them' if len(names) > 1 else 'it'})",
-                         param=(unsupported + unknown)[0])
+                         param=(unsupported + unknown)[0][:40])
 
 
 def _stops(body):

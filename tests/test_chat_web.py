@@ -348,6 +348,9 @@ def test_bad_completion_requests_get_a_4xx_naming_the_problem(server):
         got, reply = request(server.url, "POST", "/v1/completions", body)
         assert got == status, (name, got, reply)
         assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["param"], name
+    hostile = {"prompt": "a", "logit_bias": {str(i): 1 for i in range(5000)}, **{f"x{i}" * 50: 1 for i in range(2000)}}
+    got, reply = request(server.url, "POST", "/v1/completions", hostile)
+    assert got == 400 and reply["error"]["param"] == "logit_bias" and len(reply["error"]["message"]) < 1000
     status, reply = request(server.url, "POST", "/v1/completions", {"prompt": "still here", "max_tokens": 2})
     assert status == 200 and reply["usage"]["completion_tokens"] <= 2
 
