@@ -1,6 +1,7 @@
 """
-Chat with a trained model in the terminal. The tokenizer travels with the checkpoint, so
-naming the stage (and optionally tag/step) is enough. Answers stream as they are generated.
+Chat with a trained model in the terminal, or have a base model continue a text. The tokenizer
+travels with the checkpoint, so naming the stage (and optionally tag/step) is enough. Answers
+stream as they are generated.
 
     python -m scripts.chat_cli -i sft                     # newest sft checkpoint, interactive
     python -m scripts.chat_cli -i sft -p "Why is the sky blue?"    # one answer, then exit
@@ -9,7 +10,7 @@ naming the stage (and optionally tag/step) is enough. Answers stream as they are
 
 A base model never saw chat tokens, so `-i base` (and `--raw`, for any model) continues the text
 as given: BOS + its tokens, no chat turns, no calculator; each line is continued on its own.
-Commands: `clear` starts a new conversation, `quit` or `exit` (or Ctrl-D) leaves.
+In a chat, `clear` starts a new conversation; `quit` or `exit` (or Ctrl-D) leaves.
 """
 
 import random
@@ -59,6 +60,30 @@ def answer(engine, tokenizer, tokens, args, out, raw=False):
     out.write(decoder.flush() + "\n")
     out.flush()
     return generated + [engine.assistant_end]
+
+
+def continue_lines(engine, tokenizer, args, window, interactive):
+    """Raw mode: every line is a text of its own, continued after BOS (no history, no chat tokens)."""
+    while True:
+        try:
+            text = input("\nText: " if interactive else "")
+        except EOFError:
+            print()
+            return 0
+        if text.strip() in ("quit", "exit"):
+            return 0
+        if not text.strip():
+            continue
+        tokens = [engine.bos] + tokenizer.encode(text)
+        if len(tokens) >= window:
+            print(f"(that text is too long for this model's {window}-token window)")
+            continue
+        if interactive:
+            print(f"\n{text}", end="", flush=True)  # the continuation follows the text it continues
+        try:
+            answer(engine, tokenizer, tokens, args, sys.stdout, raw=True)
+        except KeyboardInterrupt:
+            print("\n(stopped)")
 
 
 def main(argv=None):
@@ -124,30 +149,6 @@ def main(argv=None):
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
             print("\n(stopped)")
             tokens += [engine.assistant_end]
-
-
-def continue_lines(engine, tokenizer, args, window, interactive):
-    """Raw mode: every line is a text of its own, continued after BOS (no history, no chat tokens)."""
-    while True:
-        try:
-            text = input("\nText: " if interactive else "")
-        except EOFError:
-            print()
-            return 0
-        if text.strip() in ("quit", "exit"):
-            return 0
-        if not text.strip():
-            continue
-        tokens = [engine.bos] + tokenizer.encode(text)
-        if len(tokens) >= window:
-            print(f"(that text is too long for this model's {window}-token window)")
-            continue
-        if interactive:
-            print(f"\n{text}", end="", flush=True)  # the continuation follows the text it continues
-        try:
-            answer(engine, tokenizer, tokens, args, sys.stdout, raw=True)
-        except KeyboardInterrupt:
-            print("\n(stopped)")
 
 
 if __name__ == "__main__":
