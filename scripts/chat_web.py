@@ -607,6 +607,8 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 def resolve_api_key(flag):
     """--api-key, else $NANOCHAT_API_KEY, else None (no access control). A key must be sendable
     as a header value: printable ASCII without spaces."""
+    if flag == "":  # e.g. --api-key "$UNSET": serving without the key the user meant to set would be worse
+        raise NanochatError("--api-key is empty; give the key, or leave the flag out to serve without one")
     key = flag if flag is not None else os.environ.get("NANOCHAT_API_KEY") or None
     if key is not None and not re.fullmatch(r"[!-~]+", key):
         raise NanochatError("the API key must be printable ASCII without spaces (e.g. from `openssl rand -hex 24`)")

@@ -525,3 +525,5 @@ def test_serving_beyond_loopback_without_a_key_warns_and_the_env_key_locks_the_a
 
     with pytest.raises(NanochatError, match="printable ASCII"):
         chat_web.main(["-i", "base", "--device", "cpu", "--api-key", "two words"])
+    with pytest.raises(NanochatError, match="--api-key is empty"):
+        chat_web.main(["-i", "base", "--device", "cpu", "--api-key", ""])
