@@ -1,6 +1,6 @@
 """
 The sandbox holds: every escape attempt below is contained, reported as a failure, and leaves the host
-(its files, its processes, this test process) as it was. Plus the calculator's whitelist.
+(its files, its processes, this test process) as it was.
 """
 
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nanochat.execution import execute_code, eval_calculator
+from nanochat.execution import execute_code
 
 
 @pytest.fixture
@@ -281,32 +281,3 @@ def test_catching_the_violation_does_not_hide_it(outside):
 def test_host_keeps_working_after_the_adversarial_runs():
     result = execute_code("print(sum(range(10)))")
     assert result.success and result.stdout == "45\n"
-
-
-# -----------------------------------------------------------------------------
-# the calculator
-
-@pytest.mark.parametrize("expr, expected", [
-    ("48/2", "24"), ("0.2*50", "10"), ("12/60", "0.2"), ("2+3*4", "14"), ("(1+2)**3", "27"),
-    ("7//2", "3"), ("7 % 3", "1"), ("-5+2", "-3"), ("1,200*3", "3600"),
-    ('"strawberry".count("r")', "3"), ("len('hello')", "5"), ("'abc'.upper()", "ABC"),
-    ("'ABC'.lower()", "abc"), ("max(3, 9, 4)", "9"),
-])
-def test_calculator_evaluates_arithmetic_and_string_ops(expr, expected):
-    assert eval_calculator(expr) == expected
-
-
-@pytest.mark.parametrize("expr", [
-    "__import__('os').system('true')", "open('/etc/passwd').read()", "().__class__.__base__",
-    "'a'.__class__", "x + 1", "lambda: 1", "[i for i in range(10)]", "9**9**9", "2**100000",
-    "'a' * 10**9", "'abc'.format(1)", "1/0", "", "import os", "exec('1')", "getattr('a', 'upper')()",
-])
-def test_calculator_refuses_anything_else(expr):
-    assert eval_calculator(expr) is None
-
-
-def test_calculator_is_fast():
-    start = time.perf_counter()
-    for _ in range(200):
-        assert eval_calculator("123*456 + 'strawberry'.count('r')") == str(123 * 456 + 3)
-    assert time.perf_counter() - start < 1.0
