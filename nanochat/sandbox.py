@@ -18,7 +18,8 @@ perf_event_open, keyctl, chown, setxattr, ...
 
 import errno
 import functools
-import json
+import ast
+import marshal
 import os
 import shutil
 import subprocess
@@ -154,7 +155,7 @@ def landlock_abi():
 
 def start_child(workdir, limits, layers, audit_hook=True, report=False):
     """Start the child in `workdir` (a new session, minimal environment, three pipes). Returns the
-    Popen and the settings line to write on its stdin before the program."""
+    Popen and the settings (bytes) to write on its stdin before the program."""
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "TZ": "UTC"}
     proc = subprocess.Popen([sys.executable, "-I", "-B", "-X", "utf8", CHILD_SCRIPT],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -166,10 +167,11 @@ def start_child(workdir, limits, layers, audit_hook=True, report=False):
         proc.wait()
         raise
     settings = {"workdir": workdir, "limits": limits, "namespaces": layers["namespaces"],
-                "landlock": layers["landlock"], "seccomp": bpf.hex() if bpf is not None else None,
+                "landlock": layers["landlock"], "seccomp": bpf,
                 "disk_bytes": limits["disk"], "disk_inodes": limits["inodes"],
                 "audit_hook": audit_hook, "report": report}
-    return proc, (json.dumps(settings) + "\n").encode()
+    data = marshal.dumps(settings)  # the child is this same interpreter
+    return proc, len(data).to_bytes(4, "little") + data
 
 
 def _try_layers(layers):
@@ -184,7 +186,7 @@ def _try_layers(layers):
             proc.kill()
             out, err = proc.communicate()
         if proc.returncode == 0:
-            return json.loads(out), None
+            return ast.literal_eval(out.decode()), None
         return None, err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -2,8 +2,8 @@
 The sandboxed child: the first, trusted code of the process that runs a model-written program.
 nanochat.execution starts it as `python -I -B -X utf8 .../sandbox_child.py` (by path: it must not import
 nanochat, only the standard library, since nothing outside the Python installation is readable once it
-has confined itself), writes one JSON line of settings and then the program on its stdin, and reads
-its stdout/stderr.
+has confined itself), writes its settings (see main) and then the program on its stdin, and reads its
+stdout/stderr.
 
 Before a single byte of the program runs, the child confines itself with the kernel:
 1. resource limits (hard == soft): CPU seconds, address space, file size, open files, no core dumps;
@@ -28,14 +28,12 @@ prints what is active as JSON and exits: that is how the parent probes the host 
 """
 
 import ctypes
-import json
-import linecache
+import marshal
 import os
 import pathlib
 import resource
 import stat
 import sys
-import traceback
 import types
 
 VIOLATION_EXIT_CODE = 86
@@ -202,7 +200,7 @@ def confine(config, roots):
         apply_landlock(abi, workdir, roots)
         active["landlock_abi"] = abi
     if config["seccomp"] is not None:
-        load_seccomp(bytes.fromhex(config["seccomp"]))
+        load_seccomp(config["seccomp"])
         active["seccomp"] = True
     return active
 
@@ -352,14 +350,14 @@ def make_audit_hook(workdir, roots):
 # Main: settings and program in, confinement, then the program
 
 def main():
-    config = json.loads(sys.stdin.buffer.readline())
+    # settings: 4 bytes of length, then a marshal'ed dict (no json: every import here costs each run)
+    size = int.from_bytes(sys.stdin.buffer.read(4), "little")
+    config = marshal.loads(sys.stdin.buffer.read(size))
     code = sys.stdin.buffer.read().decode("utf-8", "replace")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     sys.stdin = open(0, "r", closefd=False)
-    # what a traceback shows: the program's own lines
-    linecache.cache["<sandbox>"] = (len(code), None, code.splitlines(True), "<sandbox>")
     roots = read_roots()
     try:
         active = confine(config, roots)
@@ -367,7 +365,7 @@ def main():
         os.write(2, f"sandbox setup failed: {e}\n".encode("utf-8", "replace"))
         os._exit(SETUP_FAILED_EXIT)
     if config.get("report"):
-        print(json.dumps(active))
+        print(repr(active))
         return
     # the program gets no handle on the machinery: ctypes is re-imported (and so seen by the hook) if it
     # wants it, and this module is not its __main__
@@ -382,8 +380,9 @@ def main():
         exec(compile(code, "<sandbox>", "exec"), main_module.__dict__)
     except SystemExit:
         raise
-    except BaseException as e:  # the traceback of the program's frames only, with its lines
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+    except BaseException as e:  # the traceback of the program's frames only (the C printer: no imports)
+        e = e.with_traceback(e.__traceback__.tb_next)
+        sys.excepthook(type(e), e, e.__traceback__)
         sys.exit(1)
 
 
