@@ -25,9 +25,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 
-from nanochat.common import NanochatError
+from nanochat.common import NanochatError, print0
 
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 SETUP_FAILED_EXIT = 87  # sandbox_child.SETUP_FAILED_EXIT (that file is run by path, not imported)
@@ -81,10 +80,8 @@ def allow_unsafe_execution():
     """Let execute_code run programs without the kernel confinement when the host cannot provide it
     (the scripts' --unsafe-execution). Loud: model-written code could then harm this machine."""
     _unsafe["allowed"] = True
-    warnings.warn("--unsafe-execution: model-written code may run WITHOUT kernel confinement; it could "
-                  "start processes, signal them, use the network and read or write your files", stacklevel=2)
-    print("WARNING: unsafe execution allowed: model-written code may run without the kernel sandbox",
-          file=sys.stderr, flush=True)
+    print("WARNING: --unsafe-execution: model-written code may run WITHOUT the kernel sandbox, and could then "
+          "start processes, signal them, use the network, and read or write your files", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -233,3 +230,26 @@ def layers_for_untrusted_code():
         raise SandboxUnavailable("cannot confine model-written code on this host (" + "; ".join(problems)
                                  + "): fix that, or pass --unsafe-execution to run it anyway at your own risk")
     return layers
+
+
+def describe(capabilities):
+    """One line for logs: what confines model-written code here."""
+    c = capabilities
+    if c["confined"]:
+        head = (f"confined by the kernel: seccomp-bpf, Landlock ABI {c['landlock_abi']}, no-new-privs"
+                + (", user/mount/network namespaces with read-only mounts and a tmpfs quota" if c["namespaces"]
+                   else ", no namespaces (no network namespace, no disk quota)"))
+    else:
+        head = "NOT CONFINED by the kernel" + (" (--unsafe-execution)" if c["unsafe_execution_allowed"] else "")
+    return head + ("; problems: " + "; ".join(c["problems"]) if c["problems"] else "")
+
+
+def require_sandbox(unsafe_execution=False):
+    """For a script about to run model-written code: take the --unsafe-execution opt-in, print once what
+    confines the code, and refuse now (SandboxUnavailable) rather than after the model has run."""
+    if unsafe_execution:
+        allow_unsafe_execution()
+    capabilities = sandbox_capabilities()
+    print0(f"sandbox: {describe(capabilities)}")
+    layers_for_untrusted_code()
+    return capabilities

@@ -7,6 +7,7 @@ with `subprocess.Popen(..., user=...)`; imports only nanochat.execution (and pys
         -> the ExecutionResult's fields, plus "signals": the signals this host received meanwhile
     {"op": "control", "code": ..., "timeout": ...}
         -> the same program run WITHOUT the sandbox (python -c in a fresh directory), to show the attack works
+    {"op": "capabilities"} -> execution.sandbox_capabilities() as seen by this user
 """
 
 import dataclasses
@@ -46,6 +47,8 @@ def main():
                                         maximum_memory_bytes=request.get("memory", 256 * 1024 * 1024),
                                         audit_hook=request["audit_hook"])
             answer = dataclasses.asdict(result)
+        elif request["op"] == "capabilities":
+            answer = execution.sandbox_capabilities()
         else:
             answer = run_control(request["code"], request["timeout"])
         answer["signals"] = list(received)

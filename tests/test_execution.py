@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from nanochat.execution import execute_code
+from nanochat import execution, sandbox
+from nanochat.execution import SandboxUnavailable, execute_code, sandbox_capabilities
 
 
 @pytest.fixture
@@ -281,3 +282,62 @@ def test_catching_the_violation_does_not_hide_it(outside):
 def test_host_keeps_working_after_the_adversarial_runs():
     result = execute_code("print(sum(range(10)))")
     assert result.success and result.stdout == "45\n"
+
+
+# -----------------------------------------------------------------------------
+# the kernel layers: reported, required, and what happens without them
+
+def test_this_host_confines_with_seccomp_landlock_and_namespaces():
+    caps = sandbox_capabilities()
+    assert caps["confined"] and caps["seccomp_bpf"] and caps["no_new_privs"], caps
+    assert caps["landlock_abi"] >= 1 and caps["namespaces"], caps
+    assert caps["problems"] == [] and not caps["unsafe_execution_allowed"]
+
+
+def test_the_child_can_read_the_installation_but_not_this_checkout_or_the_checkpoints(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_text("weights")
+    os.chmod(tmp_path, 0o755)
+    code = ("import json, decimal, os\nfor p in ({!r}, {!r}):\n    try:\n        print(open(p).read()[:20])\n"
+            "    except OSError as e:\n        print('refused', e.errno)\n").format(execution.__file__, str(checkpoint))
+    result = execution._execute(code, audit_hook=False)  # the kernel alone
+    assert result.success, result
+    assert result.stdout == "refused 13\nrefused 13\n"
+
+
+def test_untrusted_code_is_refused_when_the_kernel_cannot_confine_it(monkeypatch, outside, capsys):
+    unconfined = ({"namespaces": False, "landlock": False, "seccomp": False},
+                  {"namespaces": False, "landlock_abi": 0, "seccomp": False}, ("no Landlock in this kernel",))
+    monkeypatch.setattr(sandbox, "probe", lambda: unconfined)
+    monkeypatch.setattr(sandbox, "_unsafe", {"allowed": False})
+    code = f"open({str(outside / 'ran.txt')!r}, 'w').write('x')"
+    with pytest.raises(SandboxUnavailable, match="--unsafe-execution"):
+        execute_code(code)
+    with pytest.raises(SandboxUnavailable, match="no Landlock"):
+        sandbox.require_sandbox()
+    assert "sandbox: NOT CONFINED" in capsys.readouterr().out
+    assert_untouched(outside)
+    # the explicit opt-in runs it (here with the audit hook only), loudly
+    sandbox.require_sandbox(unsafe_execution=True)
+    captured = capsys.readouterr()
+    assert "WARNING: --unsafe-execution" in captured.err and "(--unsafe-execution)" in captured.out
+    assert sandbox_capabilities()["unsafe_execution_allowed"]
+    assert execute_code("print(6 * 7)").stdout == "42\n"
+
+
+def test_a_child_that_cannot_set_up_its_confinement_raises_and_runs_nothing(monkeypatch, outside):
+    monkeypatch.setattr(sandbox, "compile_seccomp", lambda pid, read_only_mounts: b"\x06\x00\x00\x00\x00\x00")
+    with pytest.raises(SandboxUnavailable, match="sandbox setup failed: seccomp"):
+        execute_code(f"open({str(outside / 'ran.txt')!r}, 'w').write('x')")
+    monkeypatch.setattr(sandbox, "compile_seccomp", lambda pid, read_only_mounts: b"\x00" * 8)  # no return: invalid
+    with pytest.raises(SandboxUnavailable, match="PR_SET_SECCOMP"):
+        execute_code(f"open({str(outside / 'ran.txt')!r}, 'w').write('x')")
+    assert_untouched(outside)
+
+
+def test_the_installation_roots_exclude_paths_added_by_pth_files():
+    from nanochat import sandbox_child
+    roots = sandbox_child.read_roots()
+    assert os.path.realpath(os.path.dirname(os.__file__)) in roots
+    package = os.path.dirname(os.path.realpath(execution.__file__))  # the editable checkout's nanochat/
+    assert not any(package == r or package.startswith(r + "/") for r in roots), roots
