@@ -21,6 +21,7 @@ import functools
 import ast
 import marshal
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,10 @@ import tempfile
 from nanochat.common import NanochatError, print0
 
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+# imported by name rather than run by path, so that its compiled form in __pycache__ is used (compiling
+# it would cost every run as much again as the interpreter's start-up); probe() writes that file
+LAUNCHER = (f"import sys; sys.path.insert(0, {os.path.dirname(CHILD_SCRIPT)!r}); import sandbox_child; "
+            "del sys.path[0]; sandbox_child.main()")
 SETUP_FAILED_EXIT = 87  # sandbox_child.SETUP_FAILED_EXIT (that file is run by path, not imported)
 CLONE_THREAD = 0x00010000
 
@@ -154,7 +159,7 @@ def start_child(workdir, limits, layers, audit_hook=True, report=False):
     """Start the child in `workdir` (a new session, minimal environment, three pipes). Returns the
     Popen and the settings (bytes) to write on its stdin before the program."""
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "TZ": "UTC"}
-    proc = subprocess.Popen([sys.executable, "-I", "-B", "-X", "utf8", CHILD_SCRIPT],
+    proc = subprocess.Popen([sys.executable, "-I", "-B", "-X", "utf8", "-c", LAUNCHER],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=workdir, env=env, start_new_session=True, close_fds=True)
     try:
@@ -192,6 +197,10 @@ def _try_layers(layers):
 @functools.lru_cache(maxsize=None)
 def probe():
     """What this host can confine, found once by starting a child that sets it all up."""
+    try:
+        py_compile.compile(CHILD_SCRIPT, doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        pass  # a read-only checkout: the child compiles itself each time, slower but the same
     problems = []
     have_seccomp = _seccomp()[0] is not None
     if not have_seccomp:

@@ -1,9 +1,8 @@
 """
 The sandboxed child: the first, trusted code of the process that runs a model-written program.
-nanochat.execution starts it as `python -I -B -X utf8 .../sandbox_child.py` (by path: it must not import
-nanochat, only the standard library, since nothing outside the Python installation is readable once it
-has confined itself), writes its settings (see main) and then the program on its stdin, and reads its
-stdout/stderr.
+nanochat.sandbox starts it in `python -I -B -X utf8` by its directory (it must not import nanochat, only
+the standard library, since nothing outside the Python installation is readable once it has confined
+itself), writes its settings (see main) and then the program on its stdin, and reads its stdout/stderr.
 
 Before a single byte of the program runs, the child confines itself with the kernel:
 1. resource limits (hard == soft): CPU seconds, address space, file size, open files, no core dumps;
@@ -30,7 +29,6 @@ prints what is active as JSON and exits: that is how the parent probes the host 
 import ctypes
 import marshal
 import os
-import pathlib
 import resource
 import stat
 import sys
@@ -219,7 +217,7 @@ BLOCKED_EVENT_PREFIXES = (
 BLOCKED_MODULES = frozenset((
     "ctypes", "_ctypes", "_posixsubprocess", "subprocess", "socket", "_socket", "ssl", "_ssl", "multiprocessing",
     "_multiprocessing", "_posixshmem", "pty", "asyncio", "selectors", "select", "mmap", "sqlite3", "_sqlite3",
-    "dbm", "_dbm", "_gdbm", "urllib", "http", "ftplib", "smtplib", "webbrowser", "concurrent",
+    "dbm", "_dbm", "_gdbm", "urllib.request", "http", "ftplib", "smtplib", "webbrowser", "concurrent",
     "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "faulthandler", "tracemalloc", "readline"))
 # event -> (index of the path argument, indices of dir_fd arguments...)
 PATH_EVENTS = {"os.remove": (0, 1), "os.rmdir": (0, 1), "os.mkdir": (0, 2), "os.chmod": (0, 2),
@@ -231,7 +229,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 def make_audit_hook(workdir, roots):
     """The hook only uses values bound here, at definition time: the program cannot rebind them."""
     roots = tuple(roots) + (workdir,)
-    path_types = (pathlib.PurePosixPath, pathlib.PosixPath)
+    path_types = ("PurePosixPath", "PosixPath")
 
     def hook(event, args, _workdir=workdir, _roots=roots, _blocked=BLOCKED_EVENT_PREFIXES,
              _blocked_modules=BLOCKED_MODULES, _path_events=PATH_EVENTS, _write_flags=WRITE_FLAGS,
@@ -246,14 +244,16 @@ def make_audit_hook(workdir, roots):
                 _exit(_code)
 
         def as_text(p):
-            # only plain strings/bytes (or pathlib's own types) are trusted: a user-defined __fspath__
-            # could answer differently here and when the real call converts it
+            # only plain strings/bytes and pathlib's types are trusted: a user-defined __fspath__ could
+            # answer differently here and when the real call converts it. (pathlib's types are known by
+            # name, since importing pathlib here would cost every run a third of its start-up; a forged
+            # "pathlib" could then fool this message layer, not the kernel, which decides.)
             t = _type(p)
             if t is _str:
                 return p
             if t is _bytes:
                 return _bytes.decode(p, "utf-8", "surrogateescape")
-            if t in _path_types:
+            if t.__module__ == "pathlib" and t.__name__ in _path_types:
                 return _str(p)
             return None
 
@@ -373,6 +373,7 @@ def main():
         del sys.modules[name]
     if config["audit_hook"]:
         sys.addaudithook(make_audit_hook(config["workdir"], roots))
+    sys.modules.pop("sandbox_child", None)  # (imported by name by the launcher, see nanochat.sandbox)
     main_module = types.ModuleType("__main__")
     main_module.__builtins__ = __builtins__
     sys.modules["__main__"] = main_module

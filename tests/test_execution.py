@@ -228,7 +228,7 @@ def test_import_tricks_cannot_reach_blocked_modules(outside):
     target = str(outside / "pwned")
     for code in [f"__import__('os').system('touch {target}')",
                  f"import importlib\nimportlib.import_module('subprocess').call(['touch', '{target}'])",
-                 f"import importlib.util as u\nm = u.module_from_spec(u.find_spec('_posixsubprocess'))",
+                 "import importlib.util as u\nm = u.module_from_spec(u.find_spec('_posixsubprocess'))",
                  "import ctypes\nctypes.CDLL(None).fork()",
                  f"import builtins\nbuiltins.__import__('subprocess').Popen(['touch', '{target}'])"]:
         assert_contained(execute_code(code))

@@ -244,7 +244,7 @@ PROCESS_ATTACKS = {
     "os.fork": f"import os\nif os.fork() == 0:\n    {FORK_CHILD}\nos.wait()",
     "os.posix_spawn": f"import os\nos.waitpid(os.posix_spawn('/bin/sh', ['sh', '-c', {SHELL!r}], {{}}), 0)",
     "os.execv": f"import os\nos.execv('/bin/sh', ['sh', '-c', {SHELL!r}])",
-    "pty.fork": f"import os, pty\npid, fd = pty.fork()\nif pid == 0:\n    print('forked', 40 + 2, flush=True)\n    os._exit(0)\n"
+    "pty.fork": "import os, pty\npid, fd = pty.fork()\nif pid == 0:\n    print('forked', 40 + 2, flush=True)\n    os._exit(0)\n"
                 "print(os.read(fd, 100).decode())\nos.waitpid(pid, 0)",
     "multiprocessing": "import multiprocessing\np = multiprocessing.Process(target=print, args=('forked', 40 + 2))\n"
                        "p.start()\np.join()",
