@@ -9,6 +9,7 @@ move much less than the wall clock.
 
     python dev/bench_execution.py                # 3 rounds
     python dev/bench_execution.py --rounds 1 --limit 40
+    python dev/bench_execution.py --check-broken # and every broken solution must fail
 """
 
 import argparse
@@ -25,13 +26,14 @@ from nanochat import execution
 from tasks.humaneval import HumanEval
 
 
-def programs(limit):
+def programs(limit, broken=False):
+    """(task_id, program) for each problem: its canonical solution, or (broken) a body that returns None."""
     task = HumanEval()
     out = []
     for i in range(min(limit, task.num_examples()) if limit else task.num_examples()):
         c = task.get_example(i)
-        out.append((c["task_id"], c["prompt"] + c["messages"][1]["content"] + "\n\n" + c["test"] + "\n"
-                    + f"check({c['entry_point']})\n"))
+        body = "    return None\n" if broken else c["messages"][1]["content"]
+        out.append((c["task_id"], c["prompt"] + body + "\n\n" + c["test"] + "\n" + f"check({c['entry_point']})\n"))
     return out
 
 
@@ -49,6 +51,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="passes over the programs")
     parser.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all 164)")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-program wall-clock limit, as HumanEval uses")
+    parser.add_argument("--check-broken", action="store_true",
+                        help="then also run every problem with a broken solution: all must fail")
     args = parser.parse_args()
 
     progs = programs(args.limit)
@@ -67,6 +71,12 @@ def main():
             raise SystemExit(f"{len(failed)} canonical solutions failed in the sandbox: {failed}")
     print(f"best {max(rates):.1f} calls/s, median {statistics.median(rates):.1f} calls/s; "
           f"CPU per call best {min(cpus):.1f} ms, median {statistics.median(cpus):.1f} ms")
+    if args.check_broken:
+        broken = programs(args.limit, broken=True)
+        passed = [task_id for task_id, code in broken if execution.execute_code(code, timeout=args.timeout).success]
+        if passed:
+            raise SystemExit(f"{len(passed)} broken solutions passed in the sandbox: {passed}")
+        print(f"all {len(broken)} broken solutions failed, as they must")
 
 
 if __name__ == "__main__":
