@@ -9,8 +9,9 @@ nothing outside is listed or read, and no process outlives the call.
 Each attack also runs once WITHOUT the sandbox (a plain `python -c` as the same user), where it must
 succeed: so each check here can fail, and fails if the sandbox stops holding.
 
-Hosts: this test process (root in CI), and, when it is root, a helper process (tests/sandbox_host.py)
-running as an unprivileged user created for the purpose.
+Hosts: this test process (root in CI); when it is root, a helper process (tests/sandbox_host.py) running
+as an unprivileged user created for the purpose; and this process with the sandbox set up as where user
+namespaces are off (Landlock and seccomp alone).
 """
 
 import json
@@ -27,7 +28,7 @@ import time
 
 import pytest
 
-from nanochat import execution
+from nanochat import execution, sandbox
 
 UNPRIVILEGED_USER = "nanochat-sandbox"
 WATCHED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -67,6 +68,23 @@ class LocalHost:
     def close(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class LocalHostWithoutNamespaces(LocalHost):
+    """This test process, with the sandbox set up as on a host where user namespaces are off: no
+    read-only mounts, no network namespace, no tmpfs; Landlock and seccomp alone."""
+
+    def __init__(self):
+        super().__init__()
+        layers = {"namespaces": False, "landlock": True, "seccomp": True}
+        active, complaint = sandbox._try_layers(layers)
+        assert active is not None and not active["namespaces"], complaint
+        self.original_probe = sandbox.probe
+        sandbox.probe = lambda: (layers, active, ())
+
+    def close(self):
+        sandbox.probe = self.original_probe
+        super().close()
 
 
 class UserHost:
@@ -153,9 +171,10 @@ def _unprivileged_host():
     pytest.skip(f"no Python that user {UNPRIVILEGED_USER} can run (this one is under an unreadable directory)")
 
 
-@pytest.fixture(scope="module", params=["this-process", "unprivileged-user"])
+@pytest.fixture(scope="module", params=["this-process", "unprivileged-user", "this-process-without-namespaces"])
 def host(request):
-    h = LocalHost() if request.param == "this-process" else _unprivileged_host()
+    h = {"this-process": LocalHost, "unprivileged-user": _unprivileged_host,
+         "this-process-without-namespaces": LocalHostWithoutNamespaces}[request.param]()
     yield h
     h.close()
 
@@ -231,12 +250,19 @@ COPY_EXTENSION = ("import glob, importlib.machinery, importlib.util, os, shutil,
                   "loader = importlib.machinery.ExtensionFileLoader('pkg.{name}', os.path.abspath('innocent.so'))\n"
                   "spec = importlib.util.spec_from_loader('pkg.{name}', loader)\n"
                   "mod = importlib.util.module_from_spec(spec)\n")
+# the same module loaded in place under another name (no copy: the installation may be mapped executable)
+RENAMED_EXTENSION = COPY_EXTENSION.replace("shutil.copyfile(src[0], 'innocent.so')\n", "").replace(
+    "os.path.abspath('innocent.so')", "src[0]")
 FORK_CHILD = "os.write(1, ('forked %d\\n' % (40 + 2)).encode()); os._exit(0)"
 
 def skip_if_no_extension_file(attack, control):
-    if attack.startswith("renamed") and "IndexError" in control["stderr"]:
+    if ("renamed" in attack or "another name" in attack) and "IndexError" in control["stderr"]:
         pytest.skip("this Python has no extension file of that module to copy (it is built in)")
 
+
+FORK_EXEC = ("spec.loader.exec_module(mod)\nimport os\nr, w = os.pipe()\n"
+             f"pid = mod.fork_exec([b'/bin/sh', b'-c', {SHELL.encode()!r}], [b'/bin/sh'], True, (w,), None, None,"
+             " -1, -1, -1, -1, -1, -1, r, w, True, False, -1, None, None, None, -1, None, False)\nos.waitpid(pid, 0)")
 
 PROCESS_ATTACKS = {
     "os.system": f"import os\nos.system({SHELL!r})",
@@ -254,10 +280,8 @@ PROCESS_ATTACKS = {
                     "ctypes.CDLL(None).execv(b'/bin/sh', argv)",
     "ctypes raw clone": f"import ctypes, os\nlibc = ctypes.CDLL(None)\nlibc.syscall.restype = ctypes.c_long\n"
                         f"if libc.syscall(56, 17, 0, 0, 0, 0) == 0:\n    {FORK_CHILD}\nos.wait()",  # clone(SIGCHLD)
-    "renamed _posixsubprocess": COPY_EXTENSION.format(name="_posixsubprocess") +
-        "spec.loader.exec_module(mod)\nimport os\nr, w = os.pipe()\n"
-        f"pid = mod.fork_exec([b'/bin/sh', b'-c', {SHELL.encode()!r}], [b'/bin/sh'], True, (w,), None, None,"
-        " -1, -1, -1, -1, -1, -1, r, w, True, False, -1, None, None, None, -1, None, False)\nos.waitpid(pid, 0)",
+    "renamed _posixsubprocess": COPY_EXTENSION.format(name="_posixsubprocess") + FORK_EXEC,
+    "_posixsubprocess under another name": RENAMED_EXTENSION.format(name="_posixsubprocess") + FORK_EXEC,
 }
 
 
@@ -363,6 +387,8 @@ SOCKET_ATTACKS = {
     "socket tcp": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
     "socket unix": "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({unix!r})",
     "renamed _socket": COPY_EXTENSION.format(name="_socket") +
+        "spec.loader.exec_module(mod)\ns = mod.socket(2, 1)\ns.connect(('127.0.0.1', {port}))",
+    "_socket under another name": RENAMED_EXTENSION.format(name="_socket") +
         "spec.loader.exec_module(mod)\ns = mod.socket(2, 1)\ns.connect(('127.0.0.1', {port}))",
     "ctypes socket": "import ctypes, struct\nlibc = ctypes.CDLL(None)\nfd = libc.socket(2, 1, 0)\n"
                      "addr = struct.pack('<HH4s8x', 2, __import__('socket').htons({port}), bytes([127, 0, 0, 1]))\n"
@@ -503,7 +529,7 @@ def test_memory_bomb_is_contained_even_after_trying_to_raise_the_limit(host):
 
 def test_disk_filling_with_many_files_is_bounded(host):
     if not host.capabilities()["disk_quota"]:
-        pytest.skip("no namespaces for this user here, so no tmpfs quota: only each file's size is bounded")
+        pytest.skip("no namespaces, so no tmpfs quota: only each file's size is bounded (see sandbox.describe)")
     code = ("import os\nwritten = 0\ntry:\n    for i in range(100000):\n"
             "        with open('f%d' % i, 'wb') as f:\n            f.write(b'x' * (1 << 20))\n"
             "        written += 1 << 20\nexcept OSError as e:\n    pass\nprint('MB', written >> 20)\n"
