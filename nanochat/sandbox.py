@@ -16,9 +16,9 @@ execveat, ptrace, process_vm_*, pidfd_*, socket, socketpair, io_uring_*, mount, 
 perf_event_open, keyctl, chown, setxattr, ...
 """
 
+import ast
 import errno
 import functools
-import ast
 import marshal
 import os
 import py_compile
@@ -189,7 +189,8 @@ def _try_layers(layers):
             out, err = proc.communicate()
         if proc.returncode == 0:
             return ast.literal_eval(out.decode()), None
-        return None, err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        return None, lines[-1] if lines else f"exit code {proc.returncode}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -218,7 +219,7 @@ def probe():
     if active is None:
         problems.append(f"setup: {complaint}")
         layers = {"namespaces": False, "landlock": False, "seccomp": False}
-        active = {"namespaces": False, "landlock_abi": 0, "seccomp": False}
+        active = {"namespaces": False, "landlock_abi": 0, "seccomp": False, "no_new_privs": False}
     return layers, active, tuple(problems)
 
 
@@ -228,7 +229,7 @@ def sandbox_capabilities():
     return {"confined": bool(active["seccomp"] and active["landlock_abi"]),
             "seccomp_bpf": active["seccomp"], "landlock_abi": active["landlock_abi"],
             "namespaces": active["namespaces"], "network_namespace": active["namespaces"],
-            "disk_quota": active["namespaces"], "no_new_privs": bool(active["seccomp"] or active["landlock_abi"]),
+            "disk_quota": active["namespaces"], "no_new_privs": active["no_new_privs"],
             "unsafe_execution_allowed": _unsafe["allowed"], "problems": list(problems)}
 
 

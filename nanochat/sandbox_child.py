@@ -62,7 +62,11 @@ SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # the ones a file rule may hold
 
 libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
+libc.syscall.restype = ctypes.c_long  # variadic: callers pass every integer as a full c_long
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4  # the unused arguments must really be 0
+libc.unshare.argtypes = [ctypes.c_int]
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+L = ctypes.c_long
 
 
 class SetupError(Exception):
@@ -95,7 +99,7 @@ def enter_namespaces(workdir, disk_bytes, disk_inodes):
             f.write(text)
     # struct mount_attr {attr_set, attr_clr, propagation, userns_fd}: read-only, private, all mounts at once
     attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
-    _check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, ctypes.sizeof(attr)),
+    _check(libc.syscall(L(SYS_MOUNT_SETATTR), L(AT_FDCWD), b"/", L(AT_RECURSIVE), attr, L(ctypes.sizeof(attr))),
            "mount_setattr(/, read-only)")
     options = f"size={disk_bytes},nr_inodes={disk_inodes},mode=700".encode()
     _check(libc.mount(b"sandbox", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options),
@@ -112,7 +116,7 @@ def drop_capabilities():
 
 
 def landlock_abi():
-    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    abi = libc.syscall(L(SYS_LANDLOCK_CREATE_RULESET), None, L(0), L(LANDLOCK_CREATE_RULESET_VERSION))
     return abi if abi > 0 else 0
 
 
@@ -141,7 +145,8 @@ def apply_landlock(abi, workdir, roots):
     if abi >= 6:
         fields.append(SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL)
     attr = (ctypes.c_uint64 * len(fields))(*fields)
-    ruleset = _check(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.sizeof(attr), 0), "landlock_create_ruleset")
+    ruleset = _check(libc.syscall(L(SYS_LANDLOCK_CREATE_RULESET), attr, L(ctypes.sizeof(attr)), L(0)),
+                     "landlock_create_ruleset")
     read = FS_READ_FILE | FS_READ_DIR
     inside = handled & ~(FS_EXECUTE | FS_MAKE_CHAR | FS_MAKE_BLOCK | FS_MAKE_SOCK | FS_IOCTL_DEV)
     rules = [(root, read) for root in roots] + [(workdir, inside), ("/etc/ld.so.cache", FS_READ_FILE),
@@ -159,11 +164,11 @@ def apply_landlock(abi, workdir, roots):
                     access &= FILE_RIGHTS
                 # struct landlock_path_beneath_attr (packed): u64 allowed_access, s32 parent_fd
                 rule = ctypes.create_string_buffer(access.to_bytes(8, sys.byteorder) + fd.to_bytes(4, sys.byteorder))
-                _check(libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, rule, 0),
+                _check(libc.syscall(L(SYS_LANDLOCK_ADD_RULE), L(ruleset), L(LANDLOCK_RULE_PATH_BENEATH), rule, L(0)),
                        f"landlock_add_rule({path})")
             finally:
                 os.close(fd)
-        _check(libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+        _check(libc.syscall(L(SYS_LANDLOCK_RESTRICT_SELF), L(ruleset), L(0)), "landlock_restrict_self")
     finally:
         os.close(ruleset)
 
@@ -178,19 +183,20 @@ def load_seccomp(bpf):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = SockFprog(len(bpf) // 8, ctypes.addressof(program))
-    _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
+    _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
 
 
 def confine(config, roots):
     """Apply every layer the settings ask for; returns what is active. Raises SetupError."""
     workdir = config["workdir"]
     set_limits(config["limits"])
-    active = {"namespaces": False, "landlock_abi": 0, "seccomp": False}
+    active = {"namespaces": False, "landlock_abi": 0, "seccomp": False, "no_new_privs": False}
     if config["namespaces"]:
         enter_namespaces(workdir, config["disk_bytes"], config["disk_inodes"])
         active["namespaces"] = True
     os.chdir(workdir)  # (again: after the mount, so that "." is the tmpfs)
     drop_capabilities()
+    active["no_new_privs"] = True
     if config["landlock"]:
         abi = landlock_abi()
         if abi < 1:

@@ -184,7 +184,8 @@ def test_deleting_renaming_or_chmodding_a_file_outside_is_blocked(outside):
 def test_directory_and_link_tricks_are_blocked(outside):
     victim = str(outside / "victim.txt")
     for code in [f"import os\nos.chdir({str(outside)!r})\nopen('new.txt', 'w')",
-                 f"import os\nfd = os.open({str(outside)!r}, os.O_RDONLY)\nos.open('new.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+                 f"import os\nfd = os.open({str(outside)!r}, os.O_RDONLY)\n"
+                 "os.open('new.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
                  f"import os\nos.symlink({victim!r}, 'link')\nopen('link', 'w').write('x')",
                  f"import os\nos.link({victim!r}, 'hard')\nopen('hard', 'w').write('x')"]:
         assert_contained(execute_code(code))
@@ -307,7 +308,8 @@ def test_the_child_can_read_the_installation_but_not_this_checkout_or_the_checkp
 
 def test_untrusted_code_is_refused_when_the_kernel_cannot_confine_it(monkeypatch, outside, capsys):
     unconfined = ({"namespaces": False, "landlock": False, "seccomp": False},
-                  {"namespaces": False, "landlock_abi": 0, "seccomp": False}, ("no Landlock in this kernel",))
+                  {"namespaces": False, "landlock_abi": 0, "seccomp": False, "no_new_privs": True},
+                  ("no Landlock in this kernel",))
     monkeypatch.setattr(sandbox, "probe", lambda: unconfined)
     monkeypatch.setattr(sandbox, "_unsafe", {"allowed": False})
     code = f"open({str(outside / 'ran.txt')!r}, 'w').write('x')"

@@ -244,7 +244,8 @@ def run_attack(host, code, timeout=3.0, **kwargs):
 
 SHELL = "echo ran-$((40+2))"
 COPY_EXTENSION = ("import glob, importlib.machinery, importlib.util, os, shutil, sys\n"
-                  "src = glob.glob(os.path.join(sys.base_exec_prefix, 'lib', 'python*', 'lib-dynload', '{name}.*.so'))\n"
+                  "dynload = os.path.join(sys.base_exec_prefix, 'lib', 'python*', 'lib-dynload')\n"
+                  "src = glob.glob(os.path.join(dynload, '{name}.*.so'))\n"
                   "src = src or glob.glob('/usr/lib/python3*/lib-dynload/{name}.*.so')\n"
                   "shutil.copyfile(src[0], 'innocent.so')\n"
                   "loader = importlib.machinery.ExtensionFileLoader('pkg.{name}', os.path.abspath('innocent.so'))\n"
@@ -270,7 +271,8 @@ PROCESS_ATTACKS = {
     "os.fork": f"import os\nif os.fork() == 0:\n    {FORK_CHILD}\nos.wait()",
     "os.posix_spawn": f"import os\nos.waitpid(os.posix_spawn('/bin/sh', ['sh', '-c', {SHELL!r}], {{}}), 0)",
     "os.execv": f"import os\nos.execv('/bin/sh', ['sh', '-c', {SHELL!r}])",
-    "pty.fork": "import os, pty\npid, fd = pty.fork()\nif pid == 0:\n    print('forked', 40 + 2, flush=True)\n    os._exit(0)\n"
+    "pty.fork": "import os, pty\npid, fd = pty.fork()\n"
+                "if pid == 0:\n    print('forked', 40 + 2, flush=True)\n    os._exit(0)\n"
                 "print(os.read(fd, 100).decode())\nos.waitpid(pid, 0)",
     "multiprocessing": "import multiprocessing\np = multiprocessing.Process(target=print, args=('forked', 40 + 2))\n"
                        "p.start()\np.join()",
@@ -437,7 +439,8 @@ WRITE_ATTACKS = {
     "truncate": "import os\nos.truncate({victim!r}, 0)",
     "mkdir": "import os\nos.mkdir({outside!r} + '/newdir')",
     "mkfifo": "import os\nos.mkfifo({outside!r} + '/fifo')",
-    "ctypes open": "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.write(libc.open({victim!r}.encode(), 1 | 1024), b'x', 1)",
+    "ctypes open": "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                   "libc.write(libc.open({victim!r}.encode(), 1 | 1024), b'x', 1)",  # O_WRONLY | O_APPEND
 }
 
 
@@ -480,8 +483,9 @@ def read_attacks(host, outside):
         "host environ": (f"print(open('/proc/{host.pid}/environ', 'rb').read())", ["PATH="]),
         "list /proc": ("import os\nprint(os.listdir('/proc'))", [repr(str(host.pid))]),
         "etc passwd": ("print(open('/etc/passwd').read())", ["root:x:0:0"]),
-        "ctypes read": (f"import ctypes\nlibc = ctypes.CDLL(None)\nfd = libc.open({os.path.join(outside, 'victim.txt')!r}"
-                        ".encode(), 0)\nbuf = ctypes.create_string_buffer(64)\nlibc.read(fd, buf, 64)\nprint(buf.value)",
+        "ctypes read": (f"import ctypes\nlibc = ctypes.CDLL(None)\n"
+                        f"fd = libc.open({os.path.join(outside, 'victim.txt')!r}.encode(), 0)\n"
+                        "buf = ctypes.create_string_buffer(64)\nlibc.read(fd, buf, 64)\nprint(buf.value)",
                         ["precious"]),
     }
 
@@ -571,7 +575,8 @@ def test_ordinary_programs_still_work_in_the_same_hosts(host):
             "out = []\nt = threading.Thread(target=lambda: out.append(sum(range(10))))\nt.start()\nt.join()\n"
             "with tempfile.NamedTemporaryFile('w', dir='.', delete=False) as f:\n    f.write('hello')\n"
             "os.mkdir('sub')\nos.rename(f.name, 'sub/moved.txt')\n"
-            "print(out[0], open('sub/moved.txt').read(), hashlib.md5(b'a').hexdigest()[:6], decimal.Decimal('1.1') * 2)\n")
+            "print(out[0], open('sub/moved.txt').read(), hashlib.md5(b'a').hexdigest()[:6],\n"
+            "      decimal.Decimal('1.1') * 2)\n")
     result = run_attack(host, code)
     assert result["success"], result
     assert result["stdout"] == "45 hello 0cc175 2.2\n"
