@@ -11,7 +11,8 @@ refused with SandboxUnavailable, unless `allow_unsafe_execution()` was called (t
 The seccomp filter is an allow-list compiled with libseccomp (through pyseccomp) for each child,
 since it names the child's own pid: kill/tgkill only to itself; clone only with CLONE_THREAD (threads,
 not processes; clone3 answers ENOSYS so that the C library falls back to clone, whose flags a filter
-can see); setrlimit/prlimit only to read. Everything not listed fails with EPERM: fork, vfork, execve,
+can see); setrlimit/prlimit only to read; fcntl and ioctl only with commands that signal no one. Everything
+not listed fails with EPERM: fork, vfork, execve,
 execveat, ptrace, process_vm_*, pidfd_*, socket, socketpair, io_uring_*, mount, unshare, setns, bpf,
 perf_event_open, keyctl, chown, setxattr, ...
 """
@@ -45,7 +46,7 @@ ALLOWED_SYSCALLS = (
     "newfstatat", "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents",
     "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename",
     "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat", "ftruncate", "fallocate", "fsync",
-    "fdatasync", "flock", "fcntl", "dup", "dup2", "dup3", "pipe", "pipe2", "sendfile", "copy_file_range",
+    "fdatasync", "flock", "dup", "dup2", "dup3", "pipe", "pipe2", "sendfile", "copy_file_range",
     "statfs", "fstatfs", "umask", "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr",
     # memory
     "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "msync", "mincore",
@@ -70,6 +71,9 @@ ALLOWED_SYSCALLS = (
 # changing a file's mode or times needs no write access, only ownership, and Landlock does not see it:
 # allowed only when the child's mounts are read-only (then the kernel refuses it outside the workdir)
 METADATA_SYSCALLS = ("chmod", "fchmod", "fchmodat", "fchmodat2", "utime", "utimes", "futimesat", "utimensat")
+# fcntl commands, all but F_SETOWN/F_SETOWN_EX/F_SETSIG (which would have the kernel send SIGIO, or any
+# signal, to another process when a descriptor is ready) and leases/dnotify (signals too)
+SAFE_FCNTLS = (0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 16, 36, 37, 38, 1025, 1030, 1031, 1032, 1033, 1034)
 # ioctls for terminals/pipes that the io module asks (isatty, non-blocking, close-on-exec)
 SAFE_IOCTLS = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)  # TCGETS TIOCGWINSZ FIONREAD FIONBIO FIONCLEX FIOCLEX
 
@@ -124,6 +128,8 @@ def compile_seccomp(pid, read_only_mounts):
     _add_rule(seccomp, flt, seccomp.ALLOW, "kill", seccomp.Arg(0, seccomp.EQ, pid))
     _add_rule(seccomp, flt, seccomp.ALLOW, "tgkill", seccomp.Arg(0, seccomp.EQ, pid))
     _add_rule(seccomp, flt, seccomp.ALLOW, "prlimit64", seccomp.Arg(2, seccomp.EQ, 0))
+    for command in SAFE_FCNTLS:
+        _add_rule(seccomp, flt, seccomp.ALLOW, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
     for request in SAFE_IOCTLS:
         _add_rule(seccomp, flt, seccomp.ALLOW, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
     read_fd, write_fd = os.pipe()

@@ -324,6 +324,9 @@ SIGNAL_ATTACKS = {
                               "struct.pack_into('iii', info, 0, signal.SIGTERM, 0, -1)\n"  # si_code SI_QUEUE
                               "ctypes.CDLL(None).syscall(129, {target}, signal.SIGTERM, info)",
     "kill everything": "import os, signal\nos.kill(-1, signal.SIGTERM)",
+    "SIGIO owner": "import fcntl, os, signal\nr, w = os.pipe()\nfcntl.fcntl(r, 10, signal.SIGTERM)\n"  # F_SETSIG
+                   "fcntl.fcntl(r, fcntl.F_SETOWN, {target})\nfcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\n"
+                   "os.write(w, b'x')",
 }
 
 
@@ -333,7 +336,7 @@ SIGNAL_ATTACKS = {
 def test_no_signal_reaches_the_host(host, attack):
     code = SIGNAL_ATTACKS[attack].format(target=host.pid)
     control = host.control(code)
-    assert control["signals"] == [signal.SIGTERM], f"the attack itself is broken: {control}"
+    assert signal.SIGTERM in control["signals"], f"the attack itself is broken: {control}"
     run_attack(host, code)  # asserts that no signal arrived
 
 
