@@ -209,8 +209,7 @@ def snapshot(path):
 def survivors(stderr):
     """Processes still alive from the sandboxed program (its process group, session or environment)."""
     lines = [l.split() for l in stderr.splitlines() if l.startswith("SANDBOX ")]
-    if not lines:
-        return []
+    assert lines, f"the program did not start: {stderr[-500:]}"
     pid, workdir = int(lines[0][1]), lines[0][2]
     found = []
     for entry in os.listdir("/proc"):
@@ -227,6 +226,15 @@ def survivors(stderr):
                                  or f"HOME={workdir}".encode() in environ):
             found.append(int(entry))
     return found
+
+
+def test_the_survivor_check_finds_a_process_left_behind(tmp_path):
+    left = subprocess.Popen(["sleep", "30"], env={"HOME": str(tmp_path)})
+    try:
+        assert survivors(f"SANDBOX 999999999 {tmp_path}\n") == [left.pid]
+    finally:
+        left.kill()
+        left.wait()
 
 
 def run_attack(host, code, timeout=3.0, **kwargs):
