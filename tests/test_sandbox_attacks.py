@@ -552,8 +552,9 @@ def test_disk_filling_with_many_files_is_bounded(host):
             "        written += 1 << 20\nexcept OSError as e:\n    pass\nprint('MB', written >> 20)\n"
             "files = 0\ntry:\n    for i in range(100000):\n        open('e%d' % i, 'w').close()\n        files += 1\n"
             "except OSError:\n    pass\nprint('files', files)\n")
-    result = run_attack(host, code, timeout=10.0)
+    result = run_attack(host, code, timeout=20.0)
     counts = dict(line.split() for line in result["stdout"].splitlines())
+    assert set(counts) == {"MB", "files"}, result
     assert int(counts["MB"]) <= execution.DISK_BYTES >> 20
     assert int(counts["files"]) <= execution.DISK_INODES
 
