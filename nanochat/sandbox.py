@@ -229,10 +229,16 @@ def probe():
     return layers, active, tuple(problems)
 
 
+def _confined(active):
+    # Landlock checks truncation from ABI 3 only (open(O_TRUNC) included); before that, only read-only
+    # mounts stop a truncation of a readable file outside
+    return bool(active["seccomp"] and active["landlock_abi"] and (active["landlock_abi"] >= 3 or active["namespaces"]))
+
+
 def sandbox_capabilities():
     """Which kernel layers confine model-written code on this host (for logs and reports)."""
     layers, active, problems = probe()
-    return {"confined": bool(active["seccomp"] and active["landlock_abi"]),
+    return {"confined": _confined(active),
             "seccomp_bpf": active["seccomp"], "landlock_abi": active["landlock_abi"],
             "namespaces": active["namespaces"], "network_namespace": active["namespaces"],
             "disk_quota": active["namespaces"], "no_new_privs": active["no_new_privs"],
@@ -242,7 +248,9 @@ def sandbox_capabilities():
 def layers_for_untrusted_code():
     """The layers to run untrusted code with; SandboxUnavailable if the kernel cannot confine it."""
     layers, active, problems = probe()
-    if not (active["seccomp"] and active["landlock_abi"]) and not _unsafe["allowed"]:
+    if not _confined(active) and not _unsafe["allowed"]:
+        if not problems:
+            problems = (f"Landlock ABI {active['landlock_abi']} (< 3) without namespaces",)
         raise SandboxUnavailable("cannot confine model-written code on this host (" + "; ".join(problems)
                                  + "): fix that, or pass --unsafe-execution to run it anyway at your own risk")
     return layers

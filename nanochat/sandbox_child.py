@@ -210,9 +210,8 @@ def confine(config, roots):
 
 
 # -----------------------------------------------------------------------------
-# The second line: an audit hook (PEP 578) that stops the program with a clear message when it tries
-# something the kernel refuses anyway, and catches what the kernel cannot tell apart by itself
-# (a write through a name the kernel would allow, e.g. inside the directory, is fine).
+# The second line: an audit hook (PEP 578) that ends the program with a clear "sandbox violation" message
+# at its first attempt at something the kernel refuses anyway (it grants nothing the kernel does not).
 
 BLOCKED_EVENT_PREFIXES = (
     "socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",

@@ -343,3 +343,18 @@ def test_the_installation_roots_exclude_paths_added_by_pth_files():
     assert os.path.realpath(os.path.dirname(os.__file__)) in roots
     package = os.path.dirname(os.path.realpath(execution.__file__))  # the editable checkout's nanochat/
     assert not any(package == r or package.startswith(r + "/") for r in roots), roots
+
+
+def test_an_old_landlock_is_enough_only_with_read_only_mounts(monkeypatch):
+    # before ABI 3 Landlock does not check truncation: only the namespaces' read-only mounts stop it
+    monkeypatch.setattr(sandbox, "_unsafe", {"allowed": False})
+    for namespaces, confined in ((False, False), (True, True)):
+        active = {"namespaces": namespaces, "landlock_abi": 2, "seccomp": True, "no_new_privs": True}
+        layers = {"namespaces": namespaces, "landlock": True, "seccomp": True}
+        monkeypatch.setattr(sandbox, "probe", lambda: (layers, active, ()))
+        assert sandbox_capabilities()["confined"] is confined
+        if confined:
+            assert execute_code("print(1)").stdout == "1\n"
+        else:
+            with pytest.raises(SandboxUnavailable, match=r"Landlock ABI 2 \(< 3\) without namespaces"):
+                execute_code("print(1)")
