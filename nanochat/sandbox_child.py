@@ -258,7 +258,7 @@ def make_audit_hook(workdir, roots):
                 return p
             if t is _bytes:
                 return _bytes.decode(p, "utf-8", "surrogateescape")
-            if t.__module__ == "pathlib" and t.__name__ in _path_types:
+            if _str(t.__module__).split(".")[0] == "pathlib" and t.__name__ in _path_types:  # (3.13: pathlib._local)
                 return _str(p)
             return None
 
