@@ -18,6 +18,12 @@ if [ ! -d "$RUSTBPE_PYPI_PATH/rustbpe" ]; then
     .venv/bin/python -m pip install -q --no-deps --target "$RUSTBPE_PYPI_PATH" rustbpe==0.1.0
 fi
 
+# --- libseccomp for the code sandbox's syscall filter (on every Debian system; installed if missing)
+if ! ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2' >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libseccomp2 >/dev/null) \
+        || echo "warning: could not install libseccomp2; model-written code will be refused"
+fi
+
 # --- a real browser for the web chat test (Debian's chromium; needs root for apt)
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

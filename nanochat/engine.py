@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import NanochatError
-from nanochat.execution import eval_calculator
+from nanochat.calculator import eval_calculator
 
 
 # -----------------------------------------------------------------------------

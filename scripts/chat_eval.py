@@ -204,6 +204,9 @@ def parse_args(argv=None):
     parser.add_argument("--offline", action="store_true", help="use the offline task set (no network)")
     parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--unsafe-execution", action="store_true",
+                        help="run model-written code (HumanEval) even where the kernel sandbox cannot be set up: "
+                             "DANGEROUS, the code could harm this machine")
     args = parser.parse_args(argv)
     if args.max_problems is not None and args.max_problems < 1:
         raise NanochatError("--max-problems must be >= 1")
@@ -231,6 +234,9 @@ def main(argv=None):
     if not names:
         raise NanochatError("-a/--tasks is empty; give e.g. -a 'ARC-Easy|GSM8K'")
     eval_tasks = {name: build_eval_task(name, offline=args.offline) for name in names}
+    if "HumanEval" in eval_tasks:  # it runs model-written code: say what confines it, or refuse now
+        from nanochat.sandbox import require_sandbox
+        require_sandbox(unsafe_execution=args.unsafe_execution)
 
     # --- evaluate
     settings = dict(batch_size=args.batch_size, max_problems=args.max_problems, num_samples=args.num_samples,

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import NanochatError
-from nanochat.execution import eval_calculator
+from nanochat.calculator import eval_calculator
 from nanochat.tokenizer import _validated_messages
 from tasks.common import TaskMixture, TaskSequence
 from tasks.customjson import CustomJSON, identity_conversations_path
