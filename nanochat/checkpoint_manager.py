@@ -45,6 +45,7 @@ COMPLETE_MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 VERIFY_ENV = "NANOCHAT_VERIFY_CHECKSUMS"  # "0": skip checksum verification (very large checkpoints)
+_CHANGED = "its sha256 differs from the one recorded at save time"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -266,12 +267,18 @@ def _step_dirs(checkpoint_dir):
     return sorted(out)
 
 
+def _partial_note(checkpoint_dir):
+    partial = incomplete_steps(checkpoint_dir)
+    if not partial:
+        return ""
+    return f" (step {', '.join(map(str, partial))} has no {COMPLETE_MARKER} marker: an interrupted save or copy)"
+
+
 def find_last_step(checkpoint_dir):
     steps = list_complete_steps(checkpoint_dir)
     if not steps:
-        partial = incomplete_steps(checkpoint_dir)
-        note = f" (step {', '.join(map(str, partial))} has no {COMPLETE_MARKER} marker: an interrupted save or copy)" if partial else ""
-        raise NanochatError(f"no complete checkpoint in {checkpoint_dir}{note}; train one first")
+        raise NanochatError(f"no complete checkpoint in {checkpoint_dir}{_partial_note(checkpoint_dir)}; "
+                            f"train one first")
     return steps[-1]
 
 
@@ -281,8 +288,8 @@ def choose_step(checkpoint_dir, step=None):
         step = find_last_step(checkpoint_dir)
         newer = [s for s in incomplete_steps(checkpoint_dir) if s > step]
         for s in newer:
-            _warn(f"{os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker (an interrupted save "
-                  f"or copy) and is skipped; using step {step}. Delete it, or finish copying it")
+            _warn(f"{os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker (an interrupted "
+                  f"save or copy) and is skipped; using step {step}. Delete it, or finish copying it")
     return step
 
 
@@ -323,7 +330,7 @@ def read_meta(checkpoint_dir, step, verify=None):
         with open(os.path.join(step_dir, COMPLETE_MARKER), encoding="utf-8", errors="replace") as f:
             recorded = dict(line.split(" ", 1) for line in f.read().splitlines() if " " in line).get(META)
         if recorded is not None and recorded.strip() != file_checksum(path):
-            raise NanochatError(f"checkpoint meta is corrupt (its sha256 differs from the one recorded at save time): {path}")
+            raise NanochatError(f"checkpoint meta is corrupt ({_CHANGED}): {path}")
     return meta
 
 
@@ -350,7 +357,8 @@ def checkpoint_shapes(path):
     except FileNotFoundError:
         raise NanochatError(f"checkpoint weights missing: {path}") from None
     except Exception as e:
-        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): {path}") from None
+        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): "
+                            f"{path}") from None
     return shapes
 
 
@@ -415,7 +423,12 @@ def verify_checksums(step_dir, meta, files=None):
         if not os.path.isfile(path):
             raise NanochatError(f"checkpoint file missing: {path}")
         if file_checksum(path) != recorded[rel]:
-            raise NanochatError(f"checkpoint file is corrupt (its sha256 differs from the one recorded at save time): {path}")
+            raise NanochatError(f"checkpoint file is corrupt ({_CHANGED}): {path}")
+
+
+def _missing_optimizer(path, meta):
+    return (f"optimizer state missing: {path} (the checkpoint was saved by {meta.get('world_size', '?')} "
+            f"process(es); resume with the same number)")
 
 
 class CheckpointStep:
@@ -446,8 +459,7 @@ def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=
         path = os.path.join(step_dir, name)
         if not os.path.exists(path):
             if name.startswith("optim_rank"):
-                raise NanochatError(f"optimizer state missing: {path} (the checkpoint was saved by {meta.get('world_size', '?')} "
-                                    f"process(es); resume with the same number)")
+                raise NanochatError(_missing_optimizer(path, meta))
             raise NanochatError(f"checkpoint file missing: {path}")
     tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer"))
     config = make_config(meta, step_dir)
@@ -456,7 +468,8 @@ def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=
         files = None
         if not all_files:
             reads = (WEIGHTS, optimizer_filename(optimizer_rank) if optimizer_rank is not None else None)
-            files = [rel for rel in (meta.get("checksums") or {}) if rel in reads or rel.startswith("tokenizer" + os.sep)]
+            files = [rel for rel in (meta.get("checksums") or {})
+                     if rel in reads or rel.startswith("tokenizer" + os.sep)]
         verify_checksums(step_dir, meta, files)
     return CheckpointStep(checkpoint_dir, step, meta, tokenizer, config)
 
@@ -493,7 +506,8 @@ def load_weights(ckpt, device="cpu"):
     try:
         state = load_file(path, device="cpu")
     except Exception as e:
-        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): {path}") from None
+        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): "
+                            f"{path}") from None
     for alias, src in (ckpt.meta.get("tied_weights") or {}).items():
         state[alias] = state[src]
     device = torch.device(device)
@@ -509,12 +523,12 @@ def load_optimizer_states(ckpt, rank=0, device="cpu", mmap=False):
     import torch
     path = ckpt.path(optimizer_filename(rank))
     if not os.path.exists(path):
-        raise NanochatError(f"optimizer state missing: {path} (the checkpoint was saved by {ckpt.meta.get('world_size', '?')} "
-                            f"process(es); resume with the same number)")
+        raise NanochatError(_missing_optimizer(path, ckpt.meta))
     try:
         states = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
     except Exception as e:
-        raise NanochatError(f"optimizer state is truncated or corrupt ({e.__class__.__name__}: {str(e)[:120]}): {path}") from None
+        raise NanochatError(f"optimizer state is truncated or corrupt ({e.__class__.__name__}: {str(e)[:120]}): "
+                            f"{path}") from None
     if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
         raise NanochatError(f"optimizer state is not a list of optimizer state dicts: {path}")
     return states
@@ -577,9 +591,8 @@ def tag_dir(source, model_tag=None):
         tags = sorted(d for d in os.listdir(root) if not d.startswith(".")) if os.path.isdir(root) else []
         raise NanochatError(f"no {source} checkpoint tag {model_tag!r} in {root} (have: {tags or 'none'}); run `python -m {stage}` first")
     if not list_complete_steps(checkpoint_dir):
-        partial = incomplete_steps(checkpoint_dir)
-        note = f" (step {', '.join(map(str, partial))} has no {COMPLETE_MARKER} marker: an interrupted save or copy)" if partial else ""
-        raise NanochatError(f"no complete {source} checkpoint in {checkpoint_dir}{note}; run `python -m {stage}` first")
+        raise NanochatError(f"no complete {source} checkpoint in {checkpoint_dir}{_partial_note(checkpoint_dir)}; "
+                            f"run `python -m {stage}` first")
     return checkpoint_dir
 
 
@@ -629,7 +642,8 @@ def continue_run_args(args, explicit, meta, where, may_change=(), runtime=()):
             refused.append(f"{_flag(key)} {merged[key]} (the run used {run_value})")
     if refused:
         raise NanochatError(f"--resume continues the run saved in {where}, but {', '.join(refused)} would change it; "
-                            f"drop {'that flag' if len(refused) == 1 else 'those flags'}, or add --override-args to change the run")
+                            f"drop {'that flag' if len(refused) == 1 else 'those flags'}, "
+                            f"or add --override-args to change the run")
     print0(f"resume: continuing the run saved in {where} with its own arguments"
            + (f"; changed: {', '.join(changed)}" if changed else ""))
     return argparse.Namespace(**merged)
@@ -675,7 +689,8 @@ def resumed_run_args(stage, args, explicit, may_change, runtime):
         meta = read_meta(checkpoint_dir, step)
     except NanochatError:
         return args
-    return continue_run_args(args, explicit, meta, os.path.join(checkpoint_dir, step_dirname(step)), may_change, runtime)
+    where = os.path.join(checkpoint_dir, step_dirname(step))
+    return continue_run_args(args, explicit, meta, where, may_change, runtime)
 
 
 def checkpoints_trained_with(fingerprint):

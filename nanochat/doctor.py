@@ -90,6 +90,50 @@ def open_checkpoint_fully(checkpoint_dir, step=None, verify=None):
 
 
 # -----------------------------------------------------------------------------
+# Problems as one-line strings: shared by the table below and base_train's pre-flight
+
+def pretokenized_problems(pretok_dir, fingerprint, tokenizer_desc, model_vocab_size):
+    """Pre-tokenized shards against a tokenizer fingerprint and the model's vocab."""
+    from nanochat.dataset import PRETOK_META
+    meta_path = os.path.join(pretok_dir, PRETOK_META)
+    if not os.path.exists(meta_path):
+        return [f"no pre-tokenized shards in {pretok_dir}; run `python -m nanochat.dataset --pretokenize`"]
+    meta = read_json(meta_path, "pre-tokenized shard metadata")
+    problems = []
+    if meta.get("fingerprint") != fingerprint:
+        problems.append(f"pre-tokenized data {pretok_dir} was made by tokenizer {str(meta.get('fingerprint'))[:16]} "
+                        f"(vocab {meta.get('vocab_size')}) but {tokenizer_desc} is {fingerprint[:16]}")
+    max_id = max((f.get("max_id", -1) for f in meta.get("files", [])), default=-1)
+    if model_vocab_size is not None and max_id >= model_vocab_size:
+        problems.append(f"pre-tokenized data {pretok_dir} holds token id {max_id}, "
+                        f"outside the model's vocab of {model_vocab_size}")
+    return problems
+
+
+def preflight_problems(tokenizer, tokenizer_dir, model_vocab_size, resume_dir=None, resume_meta=None, pretok_dir=None):
+    """base_train's pre-flight: every disagreement between the tokenizer, the model's vocab (on --resume the
+    checkpoint's), the checkpoint it resumes and the pre-tokenized data, as one-line problems (empty: all agree)."""
+    problems = []
+    fp, vocab = tokenizer.fingerprint, tokenizer.get_vocab_size()
+    if model_vocab_size != vocab:
+        problems.append(f"the model is built for vocab {model_vocab_size} but the tokenizer {tokenizer_dir} "
+                        f"has {vocab} ids")
+    if resume_meta is not None:
+        ck_fp = resume_meta.get("tokenizer_fingerprint")
+        if ck_fp != fp:
+            problems.append(f"checkpoint {resume_dir} was trained with tokenizer {str(ck_fp)[:16]} "
+                            f"but the tokenizer {tokenizer_dir} is {fp[:16]}")
+    bad_specials = sorted(i for i in tokenizer.special_tokens.values() if not 0 <= i < model_vocab_size)
+    if bad_specials:
+        problems.append(f"{len(bad_specials)} special token ids ({bad_specials[0]}..{bad_specials[-1]}) "
+                        f"are outside the model's vocab of {model_vocab_size}")
+    if pretok_dir is not None:
+        desc = f"the tokenizer {tokenizer_dir} (vocab {vocab})"
+        problems += pretokenized_problems(pretok_dir, fp, desc, model_vocab_size)
+    return problems
+
+
+# -----------------------------------------------------------------------------
 # The checks
 
 def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=None, freeze_until_index=None,
@@ -130,9 +174,10 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
             checkpoint_dir, step = resolve_checkpoint(spec)
             c = open_checkpoint_fully(checkpoint_dir, step, verify)
             opened.append(c)
-            sums = "checksums verified" if c.meta.get("checksums") and cm.verify_enabled(verify) else "checksums not verified"
+            verified = c.meta.get("checksums") and cm.verify_enabled(verify)
             return OK, (f"{c.dir}: {c.config.arch}, {c.config.n_layer} layers, vocab {c.config.vocab_size:,} "
-                        f"(embedding rows {c.config.padded_vocab_size:,}), tokenizer {c.tokenizer.fingerprint[:16]}, {sums}")
+                        f"(embedding rows {c.config.padded_vocab_size:,}), tokenizer {c.tokenizer.fingerprint[:16]}, "
+                        f"checksums {'verified' if verified else 'not verified'}")
         checks.run(name, ckpt)
         if not opened:
             continue
@@ -146,8 +191,9 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
                 hint = ("the tokenizer extends the checkpoint's: grow the checkpoint with python -m scripts.extend_checkpoint"
                         if tokenizer.parent_fingerprint == c.tokenizer.fingerprint else
                         "use the tokenizer the model was trained with (it travels in the checkpoint's tokenizer/ dir)")
-                return FAIL, (f"checkpoint {c.dir} tokenizer {c.tokenizer.fingerprint[:16]} (vocab {c.tokenizer.get_vocab_size():,}) "
-                              f"!= tokenizer {tokenizer.fingerprint[:16]} (vocab {tokenizer.get_vocab_size():,}) in {tokenizer_dir}; {hint}")
+                return FAIL, (f"checkpoint {c.dir} tokenizer {c.tokenizer.fingerprint[:16]} "
+                              f"(vocab {c.tokenizer.get_vocab_size():,}) != tokenizer {tokenizer.fingerprint[:16]} "
+                              f"(vocab {tokenizer.get_vocab_size():,}) in {tokenizer_dir}; {hint}")
             checks.run(f"{name} vs tokenizer", same_tok)
 
     # --- step directories without COMPLETE (an interrupted save or copy): loaders skip them, so say so
@@ -155,10 +201,11 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
     for stage in cm.STAGE_DIRS:
         root = cm.checkpoints_root(stage)
         for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            partial += [os.path.join(root, tag, cm.step_dirname(s)) for s in cm.incomplete_steps(os.path.join(root, tag))]
+            tag_dir = os.path.join(root, tag)
+            partial += [os.path.join(tag_dir, cm.step_dirname(s)) for s in cm.incomplete_steps(tag_dir)]
     if partial:
-        checks.add("incomplete steps", WARN, f"no {cm.COMPLETE_MARKER} marker (an interrupted save or copy; loaders skip "
-                                             f"them): {', '.join(partial)}; delete them or finish copying them")
+        checks.add("incomplete steps", WARN, f"no {cm.COMPLETE_MARKER} marker (an interrupted save or copy; loaders "
+                                             f"skip them): {', '.join(partial)}; delete them or finish copying them")
     else:
         checks.add("incomplete steps", OK, "none")
 
@@ -205,14 +252,14 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
     if pretok_dir and os.path.isfile(os.path.join(pretok_dir, dataset.PRETOK_META)):
         def pretok():
             pmeta = read_json(os.path.join(pretok_dir, dataset.PRETOK_META), "pre-tokenized shard metadata")
-            want = (ckpt_tok or tokenizer).fingerprint if (ckpt_tok or tokenizer) else None
-            if want and pmeta.get("fingerprint") != want:
-                return FAIL, (f"shards in {pretok_dir} were made by tokenizer {str(pmeta.get('fingerprint'))[:16]} "
-                              f"but the {'checkpoint' if ckpt_tok else 'tokenizer'} uses {want[:16]}; pre-tokenize again")
             vocab = config.vocab_size if config is not None else (tokenizer.get_vocab_size() if tokenizer else None)
+            ref = ckpt_tok or tokenizer
+            if ref is not None:
+                where = "the checkpoint's tokenizer" if ckpt_tok else f"the tokenizer {tokenizer_dir}"
+                problems = pretokenized_problems(pretok_dir, ref.fingerprint, where, vocab)
+                if problems:
+                    return FAIL, "; ".join(problems) + "; pre-tokenize again"
             max_id = max((f["max_id"] for f in pmeta.get("files", [])), default=-1)
-            if vocab is not None and max_id >= vocab:
-                return FAIL, f"shards in {pretok_dir} hold token id {max_id:,} >= vocab {vocab:,}"
             ntok = sum(f["num_tokens"] for f in pmeta.get("files", []))
             return OK, f"{ntok:,} tokens, ids 0..{max_id:,} < vocab {vocab if vocab is not None else '?'}, fingerprint agrees ({pretok_dir})"
         checks.run("pre-tokenized shards", pretok)
@@ -279,7 +326,8 @@ def preflight(**kwargs):
 def main(argv=None):
     parser = ArgumentParser(description="Check that tokenizer, data and checkpoint agree before a run")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default <base>/tokenizer)")
-    parser.add_argument("--checkpoint", default=None, help="step dir, tag dir, or base|mid|sft|rl (default: the newest of each)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="step dir, tag dir, or base|mid|sft|rl (default: the newest of each stage)")
     parser.add_argument("--data", default=None, help="parquet shard dir (default <base>/base_data)")
     parser.add_argument("--pretokenized", default=None, help="pre-tokenized shard dir (default: the tokenizer's)")
     parser.add_argument("--freeze-until-index", type=int, default=None)

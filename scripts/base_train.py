@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager as cm
+from nanochat.doctor import preflight_problems
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
-                             get_dist_info, init_wandb, peak_flops_for_device, print0, read_json, resolve_device_type,
-                             run_main)
+                             get_dist_info, init_wandb, peak_flops_for_device, print0, resolve_device_type, run_main)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:"]
@@ -69,8 +69,10 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=1, help="print a progress line every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run saved under --model-tag (default: d<depth> "
                    "if --depth is given, else the newest tag) with its own arguments")
-    p.add_argument("--resume-step", type=int, default=None, help="with --resume: this complete step (default: the newest)")
-    p.add_argument("--override-args", action="store_true", help="with --resume: let flags change the run's own arguments")
+    p.add_argument("--resume-step", type=int, default=None,
+                   help="with --resume: this complete step (default: the newest)")
+    p.add_argument("--override-args", action="store_true",
+                   help="with --resume: let flags change the run's own arguments")
     p.add_argument("--no-verify", action="store_true", help="skip checkpoint checksums (very large checkpoints)")
     # runtime
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
@@ -99,37 +101,6 @@ RESUME_MAY_CHANGE = {"num_iterations", "target_flops", "target_param_data_ratio"
                      "sample_every", "save_every", "keep_last", "log_every"}
 RESUME_RUNTIME = {"resume", "resume_step", "override_args", "no_verify", "run", "device", "dtype", "compile",
                   "model_tag", "tokenizer_dir"}
-
-
-# -----------------------------------------------------------------------------
-# Pre-flight: every disagreement between tokenizer, checkpoint and data, before any compute
-
-def preflight_problems(tokenizer, tokenizer_dir, model_vocab_size, resume_dir=None, resume_meta=None, pretok_dir=None):
-    """A list of one-line problems (empty if all agree). On --resume model_vocab_size is the checkpoint's."""
-    problems = []
-    fp, vocab = tokenizer.fingerprint, tokenizer.get_vocab_size()
-    if model_vocab_size != vocab:
-        problems.append(f"the model is built for vocab {model_vocab_size} but the tokenizer {tokenizer_dir} has {vocab} ids")
-    if resume_meta is not None:
-        ck_fp = resume_meta.get("tokenizer_fingerprint")
-        if ck_fp != fp:
-            problems.append(f"checkpoint {resume_dir} was trained with tokenizer {str(ck_fp)[:16]} but the tokenizer {tokenizer_dir} is {fp[:16]}")
-    bad_specials = sorted(i for i in tokenizer.special_tokens.values() if not 0 <= i < model_vocab_size)
-    if bad_specials:
-        problems.append(f"{len(bad_specials)} special token ids ({bad_specials[0]}..{bad_specials[-1]}) are outside the model's vocab of {model_vocab_size}")
-    if pretok_dir is not None:
-        meta_path = os.path.join(pretok_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            problems.append(f"no pre-tokenized shards in {pretok_dir}; run `python -m nanochat.dataset --pretokenize`")
-        else:
-            meta = read_json(meta_path, "pre-tokenized shard metadata")
-            if meta.get("fingerprint") != fp:
-                problems.append(f"pre-tokenized data {pretok_dir} was made by tokenizer {str(meta.get('fingerprint'))[:16]} "
-                                f"(vocab {meta.get('vocab_size')}) but the tokenizer {tokenizer_dir} is {fp[:16]} (vocab {vocab})")
-            max_id = max((f.get("max_id", -1) for f in meta.get("files", [])), default=-1)
-            if max_id >= model_vocab_size:
-                problems.append(f"pre-tokenized data {pretok_dir} holds token id {max_id}, outside the model's vocab of {model_vocab_size}")
-    return problems
 
 
 # -----------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def policy_gradient_loss(logprobs, targets, advantages, num_valid):
 # resume (applied and logged); the second is always this invocation's; any other flag given with a different
 # value would silently change the run and is refused unless --override-args.
 RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "save_every", "eval_examples", "pass_k"}
-RESUME_RUNTIME = {"source", "model_tag", "step", "output_tag", "device", "resume", "resume_step", "override_args", "run"}
+RESUME_RUNTIME = {"source", "model_tag", "step", "output_tag", "device", "resume", "resume_step", "override_args",
+                  "run"}
 
 
 def parse_args(argv=None):
@@ -111,9 +112,12 @@ def parse_args(argv=None):
     parser.add_argument("--eval-examples", type=int, default=400, help="held-out problems in the pass@k eval")
     parser.add_argument("--pass-k", type=int, default=8, help="k of the pass@k eval (samples per problem)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue the newest complete RL checkpoint (its own arguments)")
-    parser.add_argument("--resume-step", type=int, default=None, help="with --resume: this complete step (default: the newest)")
-    parser.add_argument("--override-args", action="store_true", help="with --resume: let flags change the run's own arguments")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest complete RL checkpoint with its own arguments")
+    parser.add_argument("--resume-step", type=int, default=None,
+                        help="with --resume: this complete step (default: the newest)")
+    parser.add_argument("--override-args", action="store_true",
+                        help="with --resume: let flags change the run's own arguments")
     parser.add_argument("--run", default=None, help="wandb run name (off by default)")
     parser.add_argument("--seed", type=int, default=42)
     args, explicit = parse_args_noting_explicit(parser, argv)

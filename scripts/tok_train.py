@@ -81,9 +81,11 @@ def refuse_to_replace_a_tokenizer_in_use(output_dir):
     fingerprint = read_json(manifest, "tokenizer manifest").get("fingerprint")
     users = checkpoints_trained_with(fingerprint) if fingerprint else []
     if users:
-        shown = ", ".join(os.path.relpath(u, get_base_dir()) for u in users[:4]) + (f" and {len(users) - 4} more" if len(users) > 4 else "")
-        raise NanochatError(f"{output_dir} holds tokenizer {fingerprint[:16]}, which {len(users)} checkpoint(s) were trained "
-                            f"with ({shown}); pass --overwrite to replace it anyway, or --output-dir to save the new one elsewhere")
+        shown = ", ".join(os.path.relpath(u, get_base_dir()) for u in users[:4])
+        shown += f" and {len(users) - 4} more" if len(users) > 4 else ""
+        raise NanochatError(f"{output_dir} holds tokenizer {fingerprint[:16]}, which {len(users)} checkpoint(s) were "
+                            f"trained with ({shown}); pass --overwrite to replace it anyway, or --output-dir to save "
+                            f"the new one elsewhere")
 
 
 def check_round_trip(tokenizer, args):
@@ -101,7 +103,8 @@ def check_round_trip(tokenizer, args):
     lossy = f"{text[max(0, i - 20):i + 20]!r} decodes back as {back[max(0, i - 20):i + 20]!r}"
     if not args.allow_lossy:
         raise NanochatError(f"the imported tokenizer is lossy: {lossy} (unknown text becomes [UNK], or it normalises); "
-                            f"a model trained with it cannot write such text back. Pass --allow-lossy to import it anyway")
+                            f"a model trained with it cannot write such text back. Pass --allow-lossy to import it "
+                            f"anyway")
     print(f"warning: the imported tokenizer is lossy ({lossy}); imported anyway (--allow-lossy)", flush=True)
 
 

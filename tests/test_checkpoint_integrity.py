@@ -44,7 +44,8 @@ def trained(tmp_path_factory):
         docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
         os.makedirs(base / "base_data")
         for s in range(3):
-            dataset.write_shard(str(base / "base_data" / dataset.shard_name(s)), docs[s * 50:(s + 1) * 50], row_group_docs=10)
+            shard = str(base / "base_data" / dataset.shard_name(s))
+            dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
         CharTokenizer.train_from_iterator(docs).save(str(base / "tokenizer"))
         torch.set_num_threads(1)
         assert base_train.main(TINY + ["--num-iterations", "4", "--save-every", "2", "--eval-every", "0",
@@ -210,7 +211,8 @@ def test_a_step_without_complete_is_reported_by_loaders_resume_and_doctor(base, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and incomplete in err and "using step 2" in err
     # asking for it is an error naming it
-    proc = run_module(base, "scripts.base_train", "--resume", "--model-tag", "r", "--device", "cpu", "--resume-step", "4")
+    proc = run_module(base, "scripts.base_train", "--resume", "--model-tag", "r", "--device", "cpu",
+                      "--resume-step", "4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert incomplete in proc.stderr.strip().splitlines()[-1] and "no COMPLETE marker" in proc.stderr
     # doctor lists it

@@ -39,7 +39,8 @@ def trained(tmp_path_factory):
         docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
         os.makedirs(base / "base_data")
         for s in range(3):
-            dataset.write_shard(str(base / "base_data" / dataset.shard_name(s)), docs[s * 50:(s + 1) * 50], row_group_docs=10)
+            shard = str(base / "base_data" / dataset.shard_name(s))
+            dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
         CharTokenizer.train_from_iterator(docs).save(str(base / "tokenizer"))
         torch.set_num_threads(1)
         assert base_train.main(TINY + ["--num-iterations", "2", "--save-every", "1", "--eval-every", "0",
