@@ -221,10 +221,10 @@ def test_a_step_without_complete_is_reported_by_loaders_resume_and_doctor(base, 
     assert "warn" in row and incomplete in row
 
 
-def test_doctor_without_flags_fails_when_the_tokenizer_is_not_the_one_the_newest_checkpoint_used(base):
-    ok = run_module(base, "nanochat.doctor")
-    assert ok.returncode == 0 and "everything agrees" in ok.stdout, ok.stdout
-    assert "checksums verified" in ok.stdout
+def test_doctor_without_flags_fails_when_the_tokenizer_is_not_the_one_the_newest_checkpoint_used(base, capsys):
+    assert doctor.main([]) == 0
+    out = capsys.readouterr().out
+    assert "everything agrees" in out and "checksums verified" in out, out
     # a retrained tokenizer (as tok_train --overwrite would leave it)
     shutil.rmtree(base / "tokenizer")
     retrained = CharTokenizer.train_from_iterator(["the cat sat on the mat, quickly!"])
@@ -233,3 +233,11 @@ def test_doctor_without_flags_fails_when_the_tokenizer_is_not_the_one_the_newest
     assert bad.returncode == 1
     row = [line for line in bad.stdout.splitlines() if line.startswith("base checkpoint vs tokenizer")][0]
     assert "MISMATCH" in row and retrained.fingerprint[:16] in row and "everything agrees" not in bad.stdout
+
+
+def test_chat_cli_run_as_a_user_prints_one_line_naming_the_damaged_weights(base):
+    bad = flip_4k_of_weights(step_dir(base, 4))
+    proc = run_module(base, "scripts.chat_cli", "-i", "base", "-g", "r", "-p", "hi", "--device", "cpu")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "pick one with --step N" in lines[0], proc.stderr
