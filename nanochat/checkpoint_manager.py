@@ -63,10 +63,11 @@ def checkpoints_root(source):
     return os.path.join(get_base_dir(), STAGE_DIRS[source])
 
 
-def _warn(message):
-    """A warning line on stderr (rank 0 only), for things the user should know but that do not stop the run."""
+def _tell(line):
+    """A line on stderr (rank 0 only), for things the user should know that do not stop the run; stderr keeps
+    the stdout of chat_cli -p and friends clean."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def choose_step(checkpoint_dir, step=None):
         step = find_last_step(checkpoint_dir)
         newer = [s for s in incomplete_steps(checkpoint_dir) if s > step]
         for s in newer:
-            _warn(f"{os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker (an interrupted "
+            _tell(f"warning: {os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker (an interrupted "
                   f"save or copy) and is skipped; using step {step}. Delete it, or finish copying it")
     return step
 
@@ -413,8 +414,8 @@ def verify_checksums(step_dir, meta, files=None):
     if not isinstance(recorded, dict):
         if step_dir not in _unverified_noted:
             _unverified_noted.add(step_dir)
-            print0(f"note: {step_dir} was saved before checkpoints recorded checksums; its files are checked for "
-                   f"presence, readability and shapes only")
+            _tell(f"note: {step_dir} was saved before checkpoints recorded checksums; its files are checked for "
+                  f"presence, readability and shapes only")
         return
     for rel in (files if files is not None else sorted(recorded)):
         if rel not in recorded:
