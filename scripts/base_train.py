@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager as cm
-from nanochat.doctor import preflight_problems
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
                              get_dist_info, init_wandb, peak_flops_for_device, print0, resolve_device_type, run_main)
+from nanochat.doctor import preflight_problems
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:"]
