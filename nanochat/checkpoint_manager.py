@@ -656,7 +656,8 @@ def resume_dir(stage, tag=None):
     tag = tag or find_latest_tag(root)
     checkpoint_dir = os.path.join(root, tag or "?")
     if tag is None or not (list_complete_steps(checkpoint_dir) or incomplete_steps(checkpoint_dir)):
-        raise NanochatError(f"--resume: no {stage} checkpoint in {root}; run without --resume first")
+        which = f"tagged {tag!r} " if tag else ""
+        raise NanochatError(f"--resume: no {stage} checkpoint {which}in {root}; run without --resume first")
     return checkpoint_dir
 
 

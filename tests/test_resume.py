@@ -118,3 +118,10 @@ def test_post_training_resume_takes_the_run_arguments_and_refuses_changes(base, 
         mid_train.parse_args(["--resume", "--device-batch-size", "4"])
     assert mid_train.parse_args(["--resume", "--device-batch-size", "4", "--override-args"]).device_batch_size == 4
     assert mid_train.parse_args(["--resume", "--resume-step", "1"]).resume_step == 1
+
+
+def test_resuming_a_run_that_does_not_exist_names_the_tag_and_what_to_do(base):
+    with pytest.raises(NanochatError, match="no mid checkpoint tagged 'nope' in .*run without --resume first"):
+        mid_train.parse_args(["--resume", "--output-tag", "nope"])
+    with pytest.raises(NanochatError, match="no base checkpoint tag 'nope'"):
+        base_train.main(["--resume", "--model-tag", "nope", "--device", "cpu"])
