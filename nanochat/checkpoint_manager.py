@@ -447,9 +447,10 @@ class CheckpointStep:
 
 def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=False):
     """Validate one step: COMPLETE marker, meta, file presence, the tokenizer copy against the meta, the
-    safetensors header and every tensor's shape against the config, then the checksums of the files this
-    consumer reads (the weights, the tokenizer and, given optimizer_rank, that rank's optimizer state;
-    all_files: every one). The checks that say *what* disagrees run first; the checksums catch the rest."""
+    safetensors header and every tensor's shape against the config, the optimizer state's header (given
+    optimizer_rank), then the checksums of the files this consumer reads (the weights, the tokenizer and,
+    given optimizer_rank, that rank's optimizer state; all_files: every one). The checks that say *what*
+    disagrees run first; the checksums catch the rest."""
     from nanochat.tokenizer import load_tokenizer
     step_dir = _step_dir(checkpoint_dir, step)
     meta = read_meta(checkpoint_dir, step, verify)
@@ -465,6 +466,9 @@ def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=
     tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer"))
     config = make_config(meta, step_dir)
     validate_checkpoint(step_dir, meta, tokenizer, config)
+    ckpt = CheckpointStep(checkpoint_dir, step, meta, tokenizer, config)
+    if optimizer_rank is not None:
+        load_optimizer_states(ckpt, optimizer_rank, "cpu", mmap=True)  # its header reads (memory-mapped: cheap)
     if verify_enabled(verify):
         files = None
         if not all_files:
@@ -472,7 +476,7 @@ def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=
             files = [rel for rel in (meta.get("checksums") or {})
                      if rel in reads or rel.startswith("tokenizer" + os.sep)]
         verify_checksums(step_dir, meta, files)
-    return CheckpointStep(checkpoint_dir, step, meta, tokenizer, config)
+    return ckpt
 
 
 def open_checkpoint(checkpoint_dir, step=None, verify=None, optimizer_rank=None, step_flag="--step", all_files=False):

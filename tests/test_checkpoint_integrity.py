@@ -252,3 +252,12 @@ def test_chat_cli_run_as_a_user_prints_one_line_naming_the_damaged_weights(base)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "pick one with --step N" in lines[0], proc.stderr
+
+
+def test_a_truncated_optimizer_state_is_named_even_with_checksums_off(base, monkeypatch):
+    bad = truncate_optimizer(step_dir(base, 4))
+    monkeypatch.setenv(cm.VERIFY_ENV, "0")
+    with pytest.raises(NanochatError) as e:
+        base_train.main(["--resume", "--model-tag", "r", "--device", "cpu"])
+    assert_one_line_naming(str(e.value), bad)
+    assert "truncated or corrupt" in str(e.value) and "steps that pass the checks: 2" in str(e.value)
