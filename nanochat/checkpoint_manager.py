@@ -53,6 +53,12 @@ def step_dirname(step):
     return f"step_{step:06d}"
 
 
+def step_of(dirname):
+    """The step a step_NNNNNN directory name stands for, or None for any other name."""
+    m = _STEP_RE.match(dirname)
+    return int(m.group(1)) if m else None
+
+
 def optimizer_filename(rank):
     return f"optim_rank{rank}.pt"
 

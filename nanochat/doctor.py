@@ -58,9 +58,9 @@ def resolve_checkpoint(spec):
             raise NanochatError(f"no {spec} checkpoints in {root}")
         spec = os.path.join(root, tag)
     spec = os.path.abspath(os.path.expanduser(spec))
-    m = cm._STEP_RE.match(os.path.basename(spec))
-    if m and os.path.isdir(spec):
-        return os.path.dirname(spec), int(m.group(1))
+    step = cm.step_of(os.path.basename(spec))
+    if step is not None and os.path.isdir(spec):
+        return os.path.dirname(spec), step
     if cm.list_complete_steps(spec) or cm.incomplete_steps(spec):
         return spec, None
     raise NanochatError(f"no checkpoint at {spec} (a step_* dir, a tag dir, or base|mid|sft|rl)")
@@ -71,9 +71,10 @@ def newest_checkpoints():
     from nanochat import checkpoint_manager as cm
     out = {}
     for stage in cm.STAGE_DIRS:
-        tag = cm.find_latest_tag(cm.checkpoints_root(stage))
+        root = cm.checkpoints_root(stage)
+        tag = cm.find_latest_tag(root)
         if tag is not None:
-            out[stage] = os.path.join(cm.checkpoints_root(stage), tag)
+            out[stage] = os.path.join(root, tag)
     return out
 
 

@@ -226,10 +226,14 @@ def test_a_step_without_complete_is_reported_by_loaders_resume_and_doctor(base, 
                       "--resume-step", "4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert incomplete in proc.stderr.strip().splitlines()[-1] and "no COMPLETE marker" in proc.stderr
-    # doctor lists it
+    # doctor lists it, and refuses it when asked about it by path
     doctor.main([])
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("incomplete steps")][0]
     assert "warn" in row and incomplete in row
+    assert doctor.main(["--checkpoint", incomplete]) == 1
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint ")][0]
+    assert "MISMATCH" in row and "no COMPLETE marker" in row and incomplete in row
+    assert doctor.main(["--checkpoint", str(step_dir(base, 2))]) == 0
 
 
 def test_doctor_without_flags_fails_when_the_tokenizer_is_not_the_one_the_newest_checkpoint_used(base, capsys):
