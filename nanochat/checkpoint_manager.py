@@ -290,7 +290,8 @@ def find_last_step(checkpoint_dir):
 
 
 def choose_step(checkpoint_dir, step=None):
-    """`step`, or the newest complete one; incomplete step directories newer than the one used get a warning line."""
+    """`step`, or the newest complete one; incomplete step directories newer than the one used get a warning
+    line."""
     if step is None:
         step = find_last_step(checkpoint_dir)
         newer = [s for s in incomplete_steps(checkpoint_dir) if s > step]
@@ -538,7 +539,8 @@ def load_optimizer_states(ckpt, rank=0, device="cpu", mmap=False):
     try:
         states = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
     except Exception as e:
-        raise NanochatError(f"optimizer state is truncated or corrupt ({e.__class__.__name__}: {str(e)[:120]}): "
+        reason = str(e).splitlines()[0].split(". ")[0][:120] if str(e) else ""  # torch's first sentence says it
+        raise NanochatError(f"optimizer state is truncated or corrupt ({e.__class__.__name__}: {reason}): "
                             f"{path}") from None
     if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
         raise NanochatError(f"optimizer state is not a list of optimizer state dicts: {path}")
