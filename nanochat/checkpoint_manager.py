@@ -296,8 +296,8 @@ def choose_step(checkpoint_dir, step=None):
         step = find_last_step(checkpoint_dir)
         newer = [s for s in incomplete_steps(checkpoint_dir) if s > step]
         for s in newer:
-            _tell(f"warning: {os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker (an interrupted "
-                  f"save or copy) and is skipped; using step {step}. Delete it, or finish copying it")
+            _tell(f"warning: {os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker "
+                  f"(an interrupted save or copy) and is skipped; using step {step}. Delete it, or finish copying it")
     return step
 
 
