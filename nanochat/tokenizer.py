@@ -546,6 +546,16 @@ class HFTokenizer(_TokenizerBase):
         with open(os.path.join(directory, HF_FILE), "w", encoding="utf-8") as f:
             f.write(self.json_text)
 
+    def round_trip_failure(self, texts):
+        """(text, what it decodes back to) for the first text that does not survive encode -> decode, else None.
+        A file whose model maps unknown text to [UNK] (or normalises it: lowercasing, accent stripping) is lossy:
+        a model trained on its ids can never write that text back."""
+        for text in texts:
+            back = self.decode(self.encode(text))
+            if back != text:
+                return text, back
+        return None
+
     @classmethod
     def _load(cls, directory, manifest):
         path = os.path.join(directory, HF_FILE)
