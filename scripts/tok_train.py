@@ -20,7 +20,8 @@ import time
 
 from nanochat.checkpoint_manager import checkpoints_trained_with
 from nanochat.common import ArgumentParser, NanochatError, format_duration, get_base_dir, read_json, run_main
-from nanochat.tokenizer import MANIFEST, SPECIAL_TOKENS, CharTokenizer, HFTokenizer, RustBPETokenizer
+from nanochat.hf_tokenizer import HFTokenizer
+from nanochat.tokenizer import MANIFEST, SPECIAL_TOKENS, CharTokenizer, RustBPETokenizer
 
 # Round-trip sample for an imported tokenizer (beside the first documents of the train shards, if there are any)
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. It's 3:45 pm, 21.5 C; \"quotes\" & (brackets) [1]!\n"

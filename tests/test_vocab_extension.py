@@ -15,7 +15,8 @@ from nanochat import checkpoint_manager as cm
 from nanochat import dataset, doctor
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
-from nanochat.tokenizer import RustBPETokenizer, extend_tokenizer, load_tokenizer
+from nanochat.tokenizer import RustBPETokenizer, load_tokenizer
+from nanochat.vocab_extension import extend_tokenizer
 from scripts import base_train, extend_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
