@@ -222,7 +222,8 @@ def test_disk_full_during_a_download_is_one_clear_error_and_no_shard_is_renamed_
         def write(self, data):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dataset, "open", lambda path, mode="r": FullDiskFile(), raising=False)
+    from nanochat import download
+    monkeypatch.setattr(download, "open", lambda path, mode="r": FullDiskFile(), raising=False)
     data_dir = tmp_path / "dl"
     with FlakyFileServer(remote_shards) as server:
         code, _, err = run_cli(download_args(server, data_dir, n=1), capsys)
