@@ -498,7 +498,9 @@ def download_shard_hub(index, repo_id, revision, data_dir, retries, backoff, tim
     its faster transfer backends). It lands in <data_dir>/.hub/ (huggingface_hub's own bookkeeping and
     .incomplete files live there too) and moves to its shard name only once it reads back as parquet."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import errors
+    missing = (getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError),  # older hubs: one class
+               errors.RepositoryNotFoundError, errors.RevisionNotFoundError)
     name = shard_name(index)
     staging = os.path.join(data_dir, ".hub")
     last_error = None
@@ -518,7 +520,7 @@ def download_shard_hub(index, repo_id, revision, data_dir, retries, backoff, tim
             progress.add_bytes(size)
             progress.shard_done(name)
             return
-        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
+        except missing as e:  # (a gated repo without HF_TOKEN is a RepositoryNotFoundError too)
             raise NanochatError(f"the hub has no {name} in dataset {repo_id}@{revision} ({e.__class__.__name__}); "
                                 f"check --repo-id, --num-shards-total, HF_TOKEN and HF_ENDPOINT") from None
         except RetryableError as e:
