@@ -549,7 +549,8 @@ def shards_to_download(num_shards, num_shards_total):
 
 
 def download(num_shards, data_dir, repo_id=DEFAULT_REPO_ID, revision=DEFAULT_REVISION, base_url=None,
-             num_shards_total=DEFAULT_NUM_SHARDS_TOTAL, workers=4, retries=5, backoff=2.0, timeout=60.0, overwrite=False):
+             num_shards_total=DEFAULT_NUM_SHARDS_TOTAL, workers=4, retries=5, backoff=2.0, timeout=60.0,
+             overwrite=False):
     """Shards from the hub dataset `repo_id` (via huggingface_hub), or from a plain URL folder if `base_url`."""
     indices = shards_to_download(num_shards, num_shards_total)
     if base_url:
@@ -766,9 +767,11 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace shards / pre-tokenized files already there")
     # downloading
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="hub dataset repo of the shards (HF_ENDPOINT: a mirror)")
+    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID,
+                        help="hub dataset repo of the shards (set HF_ENDPOINT for a mirror)")
     parser.add_argument("--revision", default=DEFAULT_REVISION, help="branch, tag or commit of --repo-id")
-    parser.add_argument("--base-url", default=None, help="instead of the hub: a plain URL folder with shard_XXXXX.parquet")
+    parser.add_argument("--base-url", default=None,
+                        help="instead of the hub: a plain URL folder with shard_XXXXX.parquet")
     parser.add_argument("--num-shards-total", type=int, default=DEFAULT_NUM_SHARDS_TOTAL,
                         help="shards in the remote set; the last is the validation shard")
     parser.add_argument("--retries", type=int, default=5, help="retries per shard")

@@ -199,7 +199,8 @@ def fetch_split(repo_id, config, split):
         except Exception as e:  # network, missing repo, bad token, ...: say how to work offline
             first = str(e).splitlines()[0][:200] if str(e) else ""
             raise TaskDataUnavailable(f"could not fetch {repo_id} ({config or 'default'}, {split}) from the hub "
-                                      f"({e.__class__.__name__}: {first}); check the network (or HF_ENDPOINT/HF_TOKEN), "
+                                      f"({e.__class__.__name__}: {first}); check the network "
+                                      f"(or HF_ENDPOINT/HF_TOKEN), "
                                       f"or set {TASK_DATA_ENV} (or --data-dir) to a local mirror (see tasks/common.py)"
                                       ) from None
     files = cached_split_files(repo_id, config, split)

