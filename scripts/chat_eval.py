@@ -236,9 +236,9 @@ def main(argv=None):
         try:
             eval_tasks[name] = build_eval_task(name, offline=args.offline)
         except TaskDataUnavailable as e:
-            if args.tasks:  # asked for by name: its data must be there
+            if args.tasks or not args.offline:  # asked for by name, or online (rerun to retry): a one-line error
                 raise
-            print0(f"--- {name}: skipped ({e})")  # a default task whose data cannot be had here (e.g. offline)
+            print0(f"--- {name}: skipped ({e})")  # a default offline task without local data (HumanEval)
     if not eval_tasks:
         raise NanochatError("no task could be loaded; see the lines above, or name tasks with -a")
 
