@@ -144,3 +144,9 @@ def test_unknown_profile_is_a_one_line_error(tmp_path):
     proc = run_speedrun(tmp_path, profile="tpu", timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "NANOCHAT_PROFILE must be" in proc.stderr
+
+
+def test_gpu_profile_without_a_gpu_is_a_one_line_error_before_any_setup(tmp_path):
+    proc = run_speedrun(tmp_path, profile="gpu", timeout=60)  # this machine has no nvidia-smi / GPU
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "NANOCHAT_PROFILE=rehearsal" in proc.stderr
