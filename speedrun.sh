@@ -39,8 +39,8 @@ case "$NANOCHAT_PROFILE" in
     gpu|rehearsal|cpu|smoke) ;;
     *) echo "error: NANOCHAT_PROFILE must be gpu, rehearsal, cpu or smoke (got '$NANOCHAT_PROFILE')" >&2; exit 2 ;;
 esac
-if [ "$NANOCHAT_PROFILE" = gpu ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
-then
+if [ "$NANOCHAT_PROFILE" = gpu ] && \
+   ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }; then
     echo "error: NANOCHAT_PROFILE=gpu but nvidia-smi sees no GPU; fix the driver," \
          "or rehearse on CPU with NANOCHAT_PROFILE=rehearsal" >&2
     exit 2
