@@ -31,7 +31,7 @@ import math
 import os
 import random
 
-from nanochat.common import NanochatError, get_base_dir
+from nanochat.common import NanochatError, get_base_dir, get_rank
 
 TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
 MIXTURE_SEED = 42
@@ -214,6 +214,10 @@ def load_split(repo_id, config, split, data_dir=None, offline=False):
     """A `datasets.Dataset` for one split: from the local mirror if a data dir is set, else from the hub
     (offline: from what an earlier online run fetched)."""
     import datasets
+    if get_rank() != 0:  # under torchrun: one set of progress bars, not one per rank
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+        datasets.disable_progress_bars()
     folder = task_data_dir(data_dir)
     cache_dir = os.path.join(get_base_dir(), "datasets_cache")
     if folder:
