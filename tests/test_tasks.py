@@ -151,6 +151,46 @@ def test_missing_local_data_says_what_to_do(tmp_path):
         GSM8K(split="train", data_dir=str(tmp_path))
 
 
+def load_in_fresh_process(code, env):
+    """huggingface_hub reads HF_ENDPOINT when first imported, so each hub scenario runs in its own process."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_DISABLE_TELEMETRY="1", **env)
+    wrapped = ("from nanochat.common import NanochatError\ntry:\n" + "".join(f"    {l}\n" for l in code.splitlines())
+               + "except NanochatError as e:\n    print(f'{type(e).__name__}: {e}')\n")
+    return subprocess.run([sys.executable, "-c", wrapped], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_hub_split_is_fetched_through_hf_endpoint_and_read_offline_afterwards(tmp_path):
+    from tests.helpers_http import HubMirror
+    hub_files = {"main/test-00000-of-00001.parquet": None, "main/train-00000-of-00001.parquet": None}
+    for name in hub_files:
+        path = tmp_path / "src" / name
+        write_parquet(str(path), GSM8K_ROWS)
+        hub_files[name] = path.read_bytes()
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "HF_HOME": str(tmp_path / "hf")}
+    show = ("from tasks.gsm8k import GSM8K\ntask = GSM8K(split='test')\n"
+            "print(len(task), task[2]['messages'][0]['content'])")
+    with HubMirror({"openai/gsm8k": hub_files}) as hub:
+        online = load_in_fresh_process(show, dict(env, HF_ENDPOINT=hub.url))
+        fetched = sorted(p for m, p, st in hub.requests if m == "GET" and "/resolve/" in p)
+    assert online.returncode == 0 and online.stdout.startswith("3 Weng earns"), online.stderr[-2000:]
+    assert len(fetched) == 1 and fetched[0].endswith("/main/test-00000-of-00001.parquet")  # the test split only
+    assert (tmp_path / "base/task_data/openai/gsm8k/main/test-00000-of-00001.parquet").exists()
+    # the mirror is gone: the fetched copy still serves, online (huggingface_hub falls back to it) and offline
+    gone = load_in_fresh_process(show, dict(env, HF_ENDPOINT=hub.url))
+    assert gone.returncode == 0 and gone.stdout.startswith("3 Weng earns"), gone.stdout + gone.stderr[-2000:]
+    offline = load_in_fresh_process("from tasks.common import load_split\n"
+                                    "print(len(load_split('openai/gsm8k', 'main', 'test', offline=True)))", env)
+    assert offline.stdout.strip() == "3", offline.stdout + offline.stderr[-2000:]
+    # ... but with nothing fetched before, it is a one-line error that says what to do
+    fresh = dict(env, NANOCHAT_BASE_DIR=str(tmp_path / "fresh_base"), HF_ENDPOINT=hub.url)
+    none = load_in_fresh_process(show, fresh)
+    assert none.stdout.startswith("TaskDataUnavailable: could not fetch openai/gsm8k") and "HF_ENDPOINT" in none.stdout
+    assert none.stdout.strip().count("\n") == 0
+
+
 # -----------------------------------------------------------------------------
 # ARC, MMLU, SmolTalk from local parquet in their real schemas
 
