@@ -21,21 +21,23 @@ checked first (presence, checksums, headers, shapes, tokenizer); a bad one is na
 steps that pass. A non-finite loss or gradient norm stops the run before the optimizer update.
 """
 
-import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager as cm
-from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
-                             get_dist_info, init_wandb, peak_flops_for_device, print0, resolve_device_type, run_main)
+from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
+                             get_base_dir, get_dist_info, init_wandb, peak_flops_for_device, print0,
+                             resolve_device_type, run_main)
 from nanochat.doctor import preflight_problems
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:"]
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:"]
 
 
 def build_parser():
@@ -58,7 +60,8 @@ def build_parser():
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with a linear LR warmup")
-    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with a linear LR decay at the end")
+    p.add_argument("--warmdown-ratio", type=float, default=0.2,
+                   help="fraction of steps with a linear LR decay at the end")
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier reached at the last step")
     # evaluation, sampling, saving
     p.add_argument("--eval-every", type=int, default=250, help="val bits/byte every N steps (0: only at the end)")
@@ -77,13 +80,16 @@ def build_parser():
     # runtime
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
     p.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
-    p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"],
+                   help="default: bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: d<depth>)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: <base>/tokenizer)")
-    p.add_argument("--data", default="text", choices=["text", "pretokenized"], help="read parquet text or pre-tokenized shards")
+    p.add_argument("--data", default="text", choices=["text", "pretokenized"],
+                   help="read parquet text or pre-tokenized shards")
     p.add_argument("--data-dir", default=None, help="parquet shards (default: <base>/base_data)")
-    p.add_argument("--pretok-dir", default=None, help="pre-tokenized shards (default: <base>/base_data_tok/<fingerprint[:16]>)")
+    p.add_argument("--pretok-dir", default=None,
+                   help="pre-tokenized shards (default: <base>/base_data_tok/<fingerprint[:16]>)")
     p.add_argument("--buffer-docs", type=int, default=256, help="documents in the best-fit packing buffer")
     p.add_argument("--seed", type=int, default=42)
     return p
@@ -101,6 +107,95 @@ RESUME_MAY_CHANGE = {"num_iterations", "target_flops", "target_param_data_ratio"
                      "sample_every", "save_every", "keep_last", "log_every"}
 RESUME_RUNTIME = {"resume", "resume_step", "override_args", "no_verify", "run", "device", "dtype", "compile",
                   "model_tag", "tokenizer_dir"}
+
+
+# -----------------------------------------------------------------------------
+# Resume and pre-flight checks
+
+def open_resume(args, explicit, verify):
+    """(the run's arguments, the validated checkpoint to resume or None). On --resume the checkpoint's files,
+    checksums, headers and shapes are checked, and the run continues with its own arguments."""
+    if not args.resume:
+        if args.resume_step is not None or args.override_args:
+            raise NanochatError("--resume-step and --override-args only apply with --resume")
+        return args, None
+    root = cm.checkpoints_root("base")
+    tag = args.model_tag or (f"d{args.depth}" if "depth" in explicit else cm.find_latest_tag(root))
+    checkpoint_dir = os.path.join(root, tag or "?")
+    if tag is None or not os.path.isdir(checkpoint_dir):
+        raise NanochatError(f"--resume: no base checkpoint {'tag ' + repr(tag) + ' ' if tag else ''}in {root}; "
+                            f"name the run with --model-tag, or drop --resume to start fresh")
+    resume = cm.open_checkpoint(checkpoint_dir, args.resume_step, verify, optimizer_rank=get_dist_info()[1],
+                                step_flag="--resume-step")
+    args = cm.continue_run_args(args, explicit, resume.meta, resume.dir, RESUME_MAY_CHANGE, RESUME_RUNTIME)
+    args.model_tag = tag
+    return args, resume
+
+
+def grad_accum_steps(args, world_size):
+    """Micro-batches per optimizer step; the batch flags must divide evenly."""
+    tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size % tokens_per_micro != 0:
+        example = tokens_per_micro * max(1, args.total_batch_size // tokens_per_micro)
+        raise NanochatError(f"--total-batch-size {args.total_batch_size} is not a multiple of device-batch-size x "
+                            f"max-seq-len x ranks = {args.device_batch_size} x {args.max_seq_len} x {world_size} = "
+                            f"{tokens_per_micro}; pick a multiple (e.g. {example})")
+    return args.total_batch_size // tokens_per_micro
+
+
+def check_resume_matches(resume, config, wanted_config, world_size):
+    """A resumed run must have been written by base_train, with the model and process count of this run."""
+    if not all(k in resume.meta for k in ("dataloader_state", "rng", "loop_state")):
+        raise NanochatError(f"--resume: {resume.dir} was not written by base_train (no data/RNG/loop state); "
+                            f"drop --resume")
+    have, want = config.to_dict(), wanted_config.to_dict()
+    differ = ", ".join(f"{k}: {have[k]} in checkpoint vs {v} from flags" for k, v in want.items() if have[k] != v)
+    if differ:
+        raise NanochatError(f"--resume: the checkpoint's model differs from the flags ({differ}); "
+                            f"a checkpoint's model cannot change on resume: drop the flags that change it")
+    saved_world = resume.meta.get("world_size", 1)
+    if saved_world != world_size:
+        raise NanochatError(f"--resume: the checkpoint was saved by {resume.meta.get('world_size')} processes but "
+                            f"this run has {world_size}; resume with the same number of processes")
+
+
+# -----------------------------------------------------------------------------
+# Model, horizon, optimizers
+
+def build_model(config, device, resume):
+    """The GPT of `config` on `device`: freshly initialised, then the checkpoint's weights when resuming."""
+    from nanochat.gpt import GPT
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.init_weights()
+    if resume is not None:
+        state = cm.load_weights(resume, device)
+        model.load_state_dict(state, strict=True)
+        del state
+    return model
+
+
+def training_horizon(args, num_params, flops_per_token):
+    """Optimizer steps: the first of --num-iterations, --target-flops, --target-param-data-ratio that is set."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * args.total_batch_size)))
+    if args.target_param_data_ratio > 0:
+        return max(1, (round(args.target_param_data_ratio * num_params)) // args.total_batch_size)
+    raise NanochatError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+
+
+def load_optimizer_states(optimizers, resume, rank, device):
+    optim_states = cm.load_optimizer_states(resume, rank, device)
+    if len(optim_states) != len(optimizers):
+        raise NanochatError(f"optimizer state in {resume.dir} does not match this run's optimizers; "
+                            f"start fresh without --resume")
+    for opt, st in zip(optimizers, optim_states):
+        opt.load_state_dict(st)
 
 
 # -----------------------------------------------------------------------------
@@ -122,6 +217,88 @@ def muon_momentum(it):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def apply_schedules(optimizers, muon, step, num_iterations, args):
+    """Set this step's learning rates and Muon momentum; returns the LR multiplier."""
+    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    return lrm
+
+
+# -----------------------------------------------------------------------------
+# Data, evaluation, sampling
+
+def make_loader(args, split, tokenizer, vocab_size, pretok_dir, device, rank, world_size, resume_state=None):
+    B, T = args.device_batch_size, args.max_seq_len
+    if args.data == "pretokenized":
+        from nanochat.dataloader import pretokenized_distributed_data_loader
+        return pretokenized_distributed_data_loader(pretok_dir, tokenizer, vocab_size, B, T, split, device=device,
+                                                    rank=rank, world_size=world_size, resume_state=resume_state,
+                                                    buffer_docs=args.buffer_docs)
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    return tokenizing_distributed_data_loader(tokenizer, B, T, split, device=device, rank=rank, world_size=world_size,
+                                              resume_state=resume_state, buffer_docs=args.buffer_docs,
+                                              data_dir=args.data_dir)
+
+
+def evaluate_val_bpb(model, val_loader, eval_steps, token_bytes, autocast):
+    """Bits per byte on `eval_steps` batches of `val_loader` (closed afterwards)."""
+    from nanochat.loss_eval import evaluate_bpb
+    model.eval()
+    with autocast:
+        bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+    model.train()
+    val_loader.close()
+    return bpb
+
+
+def sample(model, tokenizer, autocast):
+    """Greedy continuations of SAMPLE_PROMPTS, printed."""
+    model.eval()
+    outputs = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend="<|bos|>")
+        with autocast:
+            out = list(model.generate(ids, max_tokens=16, temperature=0.0))
+        outputs.append(tokenizer.decode(ids[1:] + out))
+        print0(f"sample: {outputs[-1]!r}")
+    model.train()
+    return outputs
+
+
+# -----------------------------------------------------------------------------
+# Loop state: saved in every checkpoint and restored on resume
+
+@dataclass
+class LoopState:
+    step: int = 0
+    smooth_loss: float = 0.0  # EMA of the train loss, debiased when read
+    total_time: float = 0.0  # seconds of timed steps (the first step of a process includes compilation)
+    loss_history: list = field(default_factory=list)  # [step, loss] of every step, for the report's loss curve
+    val_history: list = field(default_factory=list)  # [step, val bpb] of every evaluation, for the report
+    val_bpb: float = None
+    min_val_bpb: float = float("inf")
+
+    @classmethod
+    def from_checkpoint(cls, meta, step):
+        loop = meta.get("loop_state", {})
+        return cls(step=step, smooth_loss=loop.get("smooth_loss", 0.0), total_time=loop.get("total_time", 0.0),
+                   loss_history=loop.get("loss_history", []), val_history=loop.get("val_history", []),
+                   val_bpb=meta.get("metrics", {}).get("val_bpb"),
+                   min_val_bpb=loop.get("min_val_bpb", float("inf")))
+
+    def debiased_loss(self):
+        done = len(self.loss_history)
+        return self.smooth_loss / (1 - 0.9 ** done) if done else None
+
+    def to_meta(self, num_iterations):
+        return {"smooth_loss": self.smooth_loss, "total_time": self.total_time, "loss_history": self.loss_history,
+                "val_history": self.val_history, "min_val_bpb": self.min_val_bpb, "num_iterations": num_iterations}
+
+
 def gather_per_rank(obj):
     """[obj of rank 0, obj of rank 1, ...] (just [obj] without DDP)."""
     if dist.is_available() and dist.is_initialized():
@@ -131,28 +308,66 @@ def gather_per_rank(obj):
     return [obj]
 
 
+def save(checkpoint_dir, state, model, optimizers, train_loader, config, tokenizer, args, num_iterations, rank):
+    """A resumable checkpoint of step `state.step`: weights, optimizer states, data position and RNG of every
+    rank, the loop state and the run's arguments."""
+    meta = {
+        "model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.get_vocab_size(), "train_args": vars(args), "step": state.step,
+        "metrics": {"val_bpb": state.val_bpb, "train_loss": state.debiased_loss()},
+        "dataloader_state": gather_per_rank(train_loader.state_dict()),
+        "rng": gather_per_rank(cm.capture_rng_state()),
+        "loop_state": state.to_meta(num_iterations),
+    }
+    path = cm.save_checkpoint(checkpoint_dir, state.step, model.state_dict(), [o.state_dict() for o in optimizers],
+                              meta, tokenizer, rank=rank, keep_last=args.keep_last)
+    print0(f"saved checkpoint {path}")
+
+
+def stop_if_not_finite(train_loss, grad_norm, ddp, step, checkpoint_dir):
+    """Stop every rank before the optimizer update if any rank's loss or gradient norm is not finite."""
+    bad = (~torch.isfinite(train_loss) | ~torch.isfinite(grad_norm)).float()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        last_good = cm.list_complete_steps(checkpoint_dir)
+        where = (f"the last good checkpoint is step {last_good[-1]} in {checkpoint_dir}" if last_good
+                 else "no checkpoint was saved yet")
+        raise NanochatError(f"step {step + 1}: non-finite loss ({train_loss.item()}) or gradient norm "
+                            f"({grad_norm.item()}); stopped before the optimizer update; {where}; "
+                            f"lower the learning rates and --resume")
+
+
+def write_report(args, state, num_params, vocab_size, flops_per_token, num_iterations, checkpoint_dir):
+    from nanochat.report import get_report
+    report = get_report()
+    section = "Base model training"
+    if state.loss_history:
+        report.log_series("train loss", [s for s, _ in state.loss_history], [v for _, v in state.loss_history],
+                          section=section)
+    if state.val_history:
+        report.log_series("val bpb", [s * args.total_batch_size for s, _ in state.val_history],
+                          [v for _, v in state.val_history], section=section, x_label="tokens",
+                          y_label="val bpb (bits per byte)")
+    report.log(section=section, data=[
+        {k: v for k, v in vars(args).items()},
+        {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",
+         "Calculated number of iterations": num_iterations, "Tokens per step": args.total_batch_size,
+         "Tokens : params ratio": num_iterations * args.total_batch_size / num_params,
+         "Minimum validation bpb": state.min_val_bpb, "Final validation bpb": state.val_bpb,
+         "Training time": format_duration(state.total_time), "Checkpoint": checkpoint_dir},
+    ])
+
+
+# -----------------------------------------------------------------------------
+
 def main(argv=None):
+    # --- args: this invocation's, or on --resume the run's own from its validated checkpoint
     args, explicit = parse_args(argv)
     t_start = time.time()
-    verify = False if args.no_verify else None
+    args, resume = open_resume(args, explicit, verify=False if args.no_verify else None)
 
-    # --- resume: the checkpoint, validated (files, checksums, headers, shapes), and the run's own arguments
-    resume = None
-    if args.resume:
-        root = cm.checkpoints_root("base")
-        tag = args.model_tag or (f"d{args.depth}" if "depth" in explicit else cm.find_latest_tag(root))
-        checkpoint_dir = os.path.join(root, tag or "?")
-        if tag is None or not os.path.isdir(checkpoint_dir):
-            raise NanochatError(f"--resume: no base checkpoint {'tag ' + repr(tag) + ' ' if tag else ''}in {root}; "
-                                f"name the run with --model-tag, or drop --resume to start fresh")
-        resume = cm.open_checkpoint(checkpoint_dir, args.resume_step, verify, optimizer_rank=get_dist_info()[1],
-                                    step_flag="--resume-step")
-        args = cm.continue_run_args(args, explicit, resume.meta, resume.dir, RESUME_MAY_CHANGE, RESUME_RUNTIME)
-        args.model_tag = tag
-    elif args.resume_step is not None or args.override_args:
-        raise NanochatError("--resume-step and --override-args only apply with --resume")
-
-    # --- compute ----------------------------------------------------------------
+    # --- init: compute, precision, flags that must agree
     device_type = resolve_device_type(args.device)
     ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
     master = rank == 0
@@ -160,194 +375,97 @@ def main(argv=None):
     autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-
-    # --- flags that must agree ---------------------------------------------------------
     T, B = args.max_seq_len, args.device_batch_size
-    tokens_per_micro = B * T * world_size
-    if args.total_batch_size % tokens_per_micro != 0:
-        raise NanochatError(f"--total-batch-size {args.total_batch_size} is not a multiple of device-batch-size x max-seq-len x ranks "
-                            f"= {B} x {T} x {world_size} = {tokens_per_micro}; pick a multiple (e.g. {tokens_per_micro * max(1, args.total_batch_size // tokens_per_micro)})")
-    grad_accum = args.total_batch_size // tokens_per_micro
+    grad_accum = grad_accum_steps(args, world_size)
     if args.keep_last and args.keep_last < 2:
         raise NanochatError(f"--keep-last {args.keep_last}: keep at least 2 checkpoints (or 0 for all)")
 
-    # --- tokenizer, checkpoint to resume, data: check that they agree before building anything -----
-    from nanochat.gpt import GPT, config_from_depth
+    # --- tokenizer, checkpoint to resume, data: check that they agree before building anything
+    from nanochat.gpt import config_from_depth
     from nanochat.tokenizer import default_tokenizer_dir, get_token_bytes, load_tokenizer
     tokenizer_dir = os.path.abspath(args.tokenizer_dir or default_tokenizer_dir())
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = tokenizer.get_vocab_size()
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), cm.STAGE_DIRS["base"], model_tag)
-    resume_meta = resume_step = resume_dir = None
-    if resume is not None:
-        resume_meta, resume_step, resume_dir = resume.meta, resume.step, resume.dir
-        config = resume.config
-    else:
-        config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
+    checkpoint_dir = os.path.join(get_base_dir(), cm.STAGE_DIRS["base"], args.model_tag or f"d{args.depth}")
+    config = resume.config if resume else config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
     pretok_dir = None
     if args.data == "pretokenized":
         from nanochat.dataset import pretokenized_dir
         pretok_dir = os.path.abspath(args.pretok_dir or pretokenized_dir(tokenizer.fingerprint))
-    problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume_dir, resume_meta, pretok_dir)
+    problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume.dir if resume else None,
+                                  resume.meta if resume else None, pretok_dir)
     if problems:
-        raise NanochatError("pre-flight check failed: " + "; ".join(problems) + ". Use the tokenizer the checkpoint/data were made with "
-                            "(or extend the checkpoint with scripts.tok_extend, or re-run `python -m nanochat.dataset --pretokenize`)")
-    if args.resume:
-        if not all(k in resume_meta for k in ("dataloader_state", "rng", "loop_state")):
-            raise NanochatError(f"--resume: {resume_dir} was not written by base_train (no data/RNG/loop state); drop --resume")
-        want = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T).to_dict()
-        differ = {k: (config.to_dict()[k], v) for k, v in want.items() if config.to_dict()[k] != v}
-        if differ:
-            raise NanochatError(f"--resume: the checkpoint's model differs from the flags ({', '.join(f'{k}: {a} in checkpoint vs {b} from flags' for k, (a, b) in differ.items())}); "
-                                f"a checkpoint's model cannot change on resume: drop the flags that change it")
-        if resume_meta.get("world_size", 1) != world_size:
-            raise NanochatError(f"--resume: the checkpoint was saved by {resume_meta.get('world_size')} processes but this run has {world_size}; "
-                                f"resume with the same number of processes")
-    for special in ("<|bos|>",):
-        tokenizer.encode_special(special)  # a tokenizer without BOS cannot make BOS-aligned rows
+        raise NanochatError("pre-flight check failed: " + "; ".join(problems) + ". Use the tokenizer the "
+                            "checkpoint/data were made with (or extend the checkpoint with scripts.tok_extend, "
+                            "or re-run `python -m nanochat.dataset --pretokenize`)")
+    if resume:
+        wanted = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
+        check_resume_matches(resume, config, wanted, world_size)
+    tokenizer.encode_special("<|bos|>")  # a tokenizer without BOS cannot make BOS-aligned rows
 
-    # --- model ---------------------------------------------------------------------------
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
-    model.init_weights()
-    if args.resume:
-        state = cm.load_weights(resume, device)
-        model.load_state_dict(state, strict=True)
-        del state
+    # --- model
+    model = build_model(config, device, resume)
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    print0(f"model: {config.arch} depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}/{config.n_kv_head}, "
-           f"vocab {vocab_size} (padded {config.padded_vocab_size}), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
-    print0(f"batch: {B} x {T} x {world_size} ranks x {grad_accum} accumulation = {args.total_batch_size:,} tokens/step; "
-           f"device {device}, dtype {dtype}, compile {use_compile}")
+    print0(f"model: {config.arch} depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}/"
+           f"{config.n_kv_head}, vocab {vocab_size} (padded {config.padded_vocab_size}), {num_params:,} params, "
+           f"{flops_per_token:.3e} FLOPs/token")
+    print0(f"batch: {B} x {T} x {world_size} ranks x {grad_accum} accumulation = {args.total_batch_size:,} "
+           f"tokens/step; device {device}, dtype {dtype}, compile {use_compile}")
+    num_iterations = training_horizon(args, num_params, flops_per_token)
+    total_tokens = num_iterations * args.total_batch_size
+    print0(f"training for {num_iterations:,} steps = {total_tokens:,} tokens ({total_tokens / num_params:.1f} "
+           f"tokens/param), {flops_per_token * total_tokens:.3e} FLOPs")
 
-    # --- horizon -------------------------------------------------------------------------
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = max(1, round(args.target_flops / (flops_per_token * args.total_batch_size)))
-    elif args.target_param_data_ratio > 0:
-        num_iterations = max(1, (round(args.target_param_data_ratio * num_params)) // args.total_batch_size)
-    else:
-        raise NanochatError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
-    print0(f"training for {num_iterations:,} steps = {num_iterations * args.total_batch_size:,} tokens "
-           f"({num_iterations * args.total_batch_size / num_params:.1f} tokens/param), {flops_per_token * num_iterations * args.total_batch_size:.3e} FLOPs")
-
-    # --- optimizers ----------------------------------------------------------------------
+    # --- optimizers
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     adamw, muon = optimizers
-    if args.resume:
-        optim_states = cm.load_optimizer_states(resume, rank, device)
-        if len(optim_states) != len(optimizers):
-            raise NanochatError(f"optimizer state in {resume_dir} does not match this run's optimizers; start fresh without --resume")
-        for opt, st in zip(optimizers, optim_states):
-            opt.load_state_dict(st)
+    if resume:
+        load_optimizer_states(optimizers, resume, rank, device)
 
-    # --- data ------------------------------------------------------------------------------
-    from nanochat.dataloader import pretokenized_distributed_data_loader, tokenizing_distributed_data_loader
-    from nanochat.loss_eval import evaluate_bpb
-
-    def make_loader(split, resume_state=None):
-        if args.data == "pretokenized":
-            return pretokenized_distributed_data_loader(pretok_dir, tokenizer, config.vocab_size, B, T, split, device=device,
-                                                        rank=rank, world_size=world_size, resume_state=resume_state,
-                                                        buffer_docs=args.buffer_docs)
-        return tokenizing_distributed_data_loader(tokenizer, B, T, split, device=device, rank=rank, world_size=world_size,
-                                                  resume_state=resume_state, buffer_docs=args.buffer_docs, data_dir=args.data_dir)
-
-    train_loader = make_loader("train", resume_meta["dataloader_state"][rank] if args.resume else None)
+    # --- data
+    def loader(split, resume_state=None):
+        return make_loader(args, split, tokenizer, config.vocab_size, pretok_dir, device, rank, world_size,
+                           resume_state)
+    train_loader = loader("train", resume.meta["dataloader_state"][rank] if resume else None)
     token_bytes = get_token_bytes(device, tokenizer)
-    eval_steps = max(1, args.eval_tokens // tokens_per_micro)
+    eval_steps = max(1, args.eval_tokens // (B * T * world_size))
 
-    def evaluate_val_bpb():
-        val_loader = make_loader("val")
-        model.eval()
-        with autocast:
-            bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-        model.train()
-        val_loader.close()
-        return bpb
-
-    def sample():
-        if not master:
-            return []
-        model.eval()
-        outputs = []
-        for prompt in SAMPLE_PROMPTS:
-            ids = tokenizer.encode(prompt, prepend="<|bos|>")
-            with autocast:
-                out = list(model.generate(ids, max_tokens=16, temperature=0.0))
-            outputs.append(tokenizer.decode(ids[1:] + out))
-            print0(f"sample: {outputs[-1]!r}")
-        model.train()
-        return outputs
-
-    # --- loop state (restored on resume) --------------------------------------------------------------
-    step = 0
-    smooth_loss = 0.0
-    total_time = 0.0
-    loss_history = []  # [step, loss] of every step, for the report's loss curve
-    val_history = []   # [step, val bpb] of every evaluation, for the report's validation curve
-    val_bpb, min_val_bpb = None, float("inf")
-    if args.resume:
-        loop = resume_meta.get("loop_state", {})
-        step = resume_step
-        smooth_loss = loop.get("smooth_loss", 0.0)
-        total_time = loop.get("total_time", 0.0)
-        loss_history = loop.get("loss_history", [])
-        val_history = loop.get("val_history", [])
-        val_bpb = resume_meta.get("metrics", {}).get("val_bpb")
-        min_val_bpb = loop.get("min_val_bpb", float("inf"))
-        cm.restore_rng_state(resume_meta["rng"][rank])
-        print0(f"resuming from step {resume_step} of {resume_dir}")
+    # --- resume: the loop state and RNG where the checkpoint left them
+    state = LoopState()
+    resume_step = None
+    if resume:
+        resume_step = resume.step
+        state = LoopState.from_checkpoint(resume.meta, resume_step)
+        cm.restore_rng_state(resume.meta["rng"][rank])
+        print0(f"resuming from step {resume_step} of {resume.dir}")
     wandb_run = init_wandb(args.run, "nanochat", vars(args))
     peak_flops = peak_flops_for_device(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 
-    def save(step):
-        meta = {
-            "model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "vocab_size": vocab_size, "train_args": vars(args), "step": step,
-            "metrics": {"val_bpb": val_bpb, "train_loss": smooth_loss_debiased()},
-            "dataloader_state": gather_per_rank(train_loader.state_dict()),
-            "rng": gather_per_rank(cm.capture_rng_state()),
-            "loop_state": {"smooth_loss": smooth_loss, "total_time": total_time, "loss_history": loss_history,
-                           "val_history": val_history, "min_val_bpb": min_val_bpb, "num_iterations": num_iterations},
-        }
-        path = cm.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta,
-                                  tokenizer, rank=rank, keep_last=args.keep_last)
-        print0(f"saved checkpoint {path}")
-
-    def smooth_loss_debiased():
-        done = len(loss_history)
-        return smooth_loss / (1 - 0.9 ** done) if done else None
-
-    # --- training loop ---------------------------------------------------------------------
+    # --- loop: evaluate / sample / save at step boundaries, then one optimizer step
     params = [p for p in model.parameters()]
-    samples = []
     timed_steps = 0
     while True:
+        step = state.step
         last_step = step == num_iterations
-        resumed_here = args.resume and step == resume_step  # this step was evaluated before its save
+        resumed_here = resume_step == step  # the run that saved this step already evaluated and sampled it
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not resumed_here):
-            val_bpb = evaluate_val_bpb()
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            val_history.append([step, val_bpb])
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            state.val_bpb = evaluate_val_bpb(model, loader("val"), eval_steps, token_bytes, autocast)
+            state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
+            state.val_history.append([step, state.val_bpb])
+            print0(f"step {step:05d} | val bpb {state.val_bpb:.4f}")
+            wandb_run.log({"step": step, "val/bpb": state.val_bpb})
         if last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0 and not resumed_here):
-            samples = sample()
+            if master:
+                sample(model, tokenizer, autocast)
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and not resumed_here):
-            save(step)
+            save(checkpoint_dir, state, model, optimizers, train_loader, config, tokenizer, args, num_iterations,
+                 rank)
         if last_step:
             break
 
-        # one optimizer step: grad_accum micro-batches
         synchronize()
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
@@ -359,62 +477,37 @@ def main(argv=None):
             (loss / grad_accum).backward()
         train_loss = loss_sum / grad_accum
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        bad = (~torch.isfinite(train_loss) | ~torch.isfinite(grad_norm)).float()
-        if ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            last_good = cm.list_complete_steps(checkpoint_dir)
-            where = f"the last good checkpoint is step {last_good[-1]} in {checkpoint_dir}" if last_good else "no checkpoint was saved yet"
-            raise NanochatError(f"step {step + 1}: non-finite loss ({train_loss.item()}) or gradient norm ({grad_norm.item()}); "
-                                f"stopped before the optimizer update; {where}; lower the learning rates and --resume")
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
+        stop_if_not_finite(train_loss, grad_norm, ddp, step, checkpoint_dir)
+        lrm = apply_schedules(optimizers, muon, step, num_iterations, args)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
         synchronize()
         dt = time.time() - t0
-        step += 1
+        state.step = step = step + 1
 
-        # logging
         loss_value = train_loss.item()
-        loss_history.append([step, loss_value])
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        if step > 1 + (resume_step or 0):  # the first step includes compilation/warm-up
-            total_time += dt
+        state.loss_history.append([step, loss_value])
+        state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss_value
+        if step > 1 + (resume_step or 0):  # the first step of a process includes compilation/warm-up
+            state.total_time += dt
             timed_steps += 1
         if step % args.log_every == 0 or step == num_iterations:
             tok_per_s = args.total_batch_size / dt
-            mfu = f" | mfu {100 * flops_per_token * args.total_batch_size / dt / (peak_flops * world_size):.1f}%" if peak_flops else ""
-            avg_dt = total_time / timed_steps if timed_steps else dt
+            mfu = (f" | mfu {100 * flops_per_token * args.total_batch_size / dt / (peak_flops * world_size):.1f}%"
+                   if peak_flops else "")
+            avg_dt = state.total_time / timed_steps if timed_steps else dt
             eta = format_duration(avg_dt * (num_iterations - step))
-            print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth_loss_debiased():.4f} | lrm {lrm:.3f} | grad norm {grad_norm.item():.3f} "
-                   f"| {dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s{mfu} | eta {eta}")
+            print0(f"step {step:05d}/{num_iterations:05d} | loss {state.debiased_loss():.4f} | lrm {lrm:.3f} | "
+                   f"grad norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s{mfu} | eta {eta}")
             wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_s": tok_per_s})
 
-    # --- report ---------------------------------------------------------------------------
+    # --- report
     train_loader.close()
-    print0(f"done: {step} steps, min val bpb {min_val_bpb:.4f}, wall time {format_duration(time.time() - t_start)}")
+    print0(f"done: {state.step} steps, min val bpb {state.min_val_bpb:.4f}, "
+           f"wall time {format_duration(time.time() - t_start)}")
     if master:
-        from nanochat.report import get_report
-        report = get_report()
-        if loss_history:
-            report.log_series("train loss", [s for s, _ in loss_history], [v for _, v in loss_history], section="Base model training")
-        if val_history:
-            report.log_series("val bpb", [s * args.total_batch_size for s, _ in val_history], [v for _, v in val_history],
-                              section="Base model training", x_label="tokens", y_label="val bpb (bits per byte)")
-        report.log(section="Base model training", data=[
-            {k: v for k, v in vars(args).items()},
-            {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",
-             "Calculated number of iterations": num_iterations, "Tokens per step": args.total_batch_size,
-             "Tokens : params ratio": num_iterations * args.total_batch_size / num_params,
-             "Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb,
-             "Training time": format_duration(total_time), "Checkpoint": checkpoint_dir},
-        ])
+        write_report(args, state, num_params, vocab_size, flops_per_token, num_iterations, checkpoint_dir)
     wandb_run.finish()
     compute_cleanup()
     return 0
