@@ -1,12 +1,11 @@
 """
-Test helpers for the chat server: a tiny random model behind scripts.chat_web's app, served by
+Test helpers for the chat server: a tiny random model (built by conftest) behind scripts.chat_web's app, served by
 uvicorn on 127.0.0.1 in a background thread.
 
     with ChatServer(create_app([tiny_worker()])) as server:
         server.url  # http://127.0.0.1:PORT
 """
 
-import math
 import socket
 import threading
 import time
@@ -16,25 +15,8 @@ import torch
 import torch.nn.functional as F
 import uvicorn
 
+from conftest import CORPUS, tiny_model, tiny_tokenizer  # noqa: F401  (re-exported for the chat tests)
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, config_from_depth
-from nanochat.tokenizer import CharTokenizer
-
-CORPUS = "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789 +-*/=?,"
-
-
-def tiny_model(tokenizer, seed=0, sequence_len=256):
-    torch.manual_seed(seed)
-    model = GPT(config_from_depth(1, vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len))
-    model.init_weights()
-    with torch.no_grad():  # non-degenerate random weights (nanochat's init zeroes output projections)
-        for p in model.parameters():
-            p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
-    return model.eval()
-
-
-def tiny_tokenizer():
-    return CharTokenizer.train_from_iterator([CORPUS])
 
 
 def long_talker(tokenizer, prompt, min_tokens, sequence_len=512):

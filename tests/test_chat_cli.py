@@ -5,37 +5,23 @@ scripts.chat_cli: answers from a saved checkpoint (its tokenizer comes along), s
 """
 
 import itertools
-import math
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
-import nanochat.checkpoint_manager as cm
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.gpt import GPT, config_from_depth
-from nanochat.tokenizer import CharTokenizer
-from tests.helpers_chat import tiny_model, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789 +-*/=?"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, char_tokenizer, tiny_gpt, save_tiny_checkpoint):
     base = tmp_path_factory.mktemp("base")
-    tokenizer = CharTokenizer.train_from_iterator([CORPUS])
-    torch.manual_seed(0)
-    model = GPT(config_from_depth(1, vocab_size=tokenizer.get_vocab_size(), sequence_len=128))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
-    meta = {"model_config": model.config.to_dict(), "arch": "nanochat", "train_args": {}, "metrics": {}}
-    cm.save_checkpoint(str(base / "chatsft_checkpoints" / "tiny"), 5, model.state_dict(), None, meta, tokenizer)
-    return base, model.eval(), tokenizer
+    model = tiny_gpt(char_tokenizer, sequence_len=128)
+    save_tiny_checkpoint(base / "chatsft_checkpoints" / "tiny", 5, model, char_tokenizer)
+    return base, model, char_tokenizer
 
 
 def run_cli(base, *args, stdin=""):
@@ -100,16 +86,14 @@ def greedy_continuation(model, tokenizer, text, max_tokens):
 
 
 @pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
+def base_checkpoint(tmp_path_factory, char_tokenizer, tiny_gpt, save_tiny_checkpoint):
     """One model saved as a base and as an sft checkpoint; its greedy continuations of "the cat"
     and "lazy" are plain text (random models often write special tokens)."""
     base = tmp_path_factory.mktemp("base")
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer)
-    meta = {"model_config": model.config.to_dict(), "arch": "nanochat", "train_args": {}, "metrics": {}}
+    model = tiny_gpt(char_tokenizer)
     for stage in ("base", "chatsft"):
-        cm.save_checkpoint(str(base / f"{stage}_checkpoints" / "tiny"), 1, model.state_dict(), None, meta, tokenizer)
-    return base, model, tokenizer
+        save_tiny_checkpoint(base / f"{stage}_checkpoints" / "tiny", 1, model, char_tokenizer)
+    return base, model, char_tokenizer
 
 
 def test_a_base_model_continues_the_prompt_exactly_as_gpt_generate_does(base_checkpoint):

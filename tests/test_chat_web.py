@@ -17,7 +17,6 @@ import urllib.parse
 import openai
 import pytest
 
-import nanochat.checkpoint_manager as cm
 import scripts.chat_web as chat_web
 from nanochat.common import NanochatError
 from nanochat.engine import Engine, StreamDecoder
@@ -487,14 +486,12 @@ def test_with_an_api_key_a_request_without_it_gets_401_but_the_page_and_health_s
 
 
 @pytest.fixture
-def base_dir(tmp_path, monkeypatch, tokenizer):
+def base_dir(nanochat_base, monkeypatch, tokenizer, save_tiny_checkpoint):
     """A base checkpoint in a fresh NANOCHAT_BASE_DIR, and no API key in the environment."""
-    model = tiny_model(tokenizer, sequence_len=128)
-    meta = {"model_config": model.config.to_dict(), "arch": "nanochat", "train_args": {}, "metrics": {}}
-    cm.save_checkpoint(str(tmp_path / "base_checkpoints" / "tiny"), 1, model.state_dict(), None, meta, tokenizer)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    save_tiny_checkpoint(nanochat_base / "base_checkpoints" / "tiny", 1, tiny_model(tokenizer, sequence_len=128),
+                         tokenizer)
     monkeypatch.delenv("NANOCHAT_API_KEY", raising=False)
-    return tmp_path
+    return nanochat_base
 
 
 def serve(monkeypatch, *argv):

@@ -152,11 +152,10 @@ def test_weights_from_a_transformers_NanoChat_model_load_into_ours_with_equal_lo
         assert (ours(idx) - hf(idx).logits).abs().max() <= 1e-4
 
 
-def test_export_cli_turns_a_saved_default_checkpoint_into_a_loadable_hf_folder(tmp_path, tok):
-    from nanochat.checkpoint_manager import save_checkpoint
+def test_export_cli_turns_a_saved_default_checkpoint_into_a_loadable_hf_folder(tmp_path, tok, save_tiny_checkpoint):
     model = random_model(tok)
     ckpt_dir = str(tmp_path / "ckpt" / "d2")
-    save_checkpoint(ckpt_dir, 5, model.state_dict(), None, {"model_config": model.config.to_dict()}, tok)
+    save_tiny_checkpoint(ckpt_dir, 5, model, tok)
     out = tmp_path / "exported"
     main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
     hf, _ = load_exported(out)

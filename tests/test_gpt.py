@@ -369,23 +369,17 @@ def test_rotary_tables_grow_past_ten_times_sequence_len_consistently():
     full.sum().backward()  # the grown tables are usable for training
 
 
-def _save_tiny_checkpoint(root, tok, arch):
-    from nanochat.checkpoint_manager import save_checkpoint
-    cfg = config_from_depth(1, tok.get_vocab_size(), arch=arch, sequence_len=32)
+def test_export_cli_turns_a_saved_qwen2_checkpoint_into_a_loadable_hf_folder(tmp_path, bpe_tokenizer,
+                                                                             save_tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+    from scripts.export_hf import main
     torch.manual_seed(0)
-    model = randomize_(GPT(cfg))
+    model = randomize_(GPT(config_from_depth(1, bpe_tokenizer.get_vocab_size(), arch="qwen2", sequence_len=32)))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.2)
-    ckpt_dir = os.path.join(root, "ckpt", arch)
-    save_checkpoint(ckpt_dir, 5, model.state_dict(), None, {"model_config": cfg.to_dict(), "arch": arch}, tok)
-    return model.eval(), ckpt_dir
-
-
-def test_export_cli_turns_a_saved_qwen2_checkpoint_into_a_loadable_hf_folder(tmp_path, bpe_tokenizer):
-    from transformers import AutoModelForCausalLM
-    from scripts.export_hf import main
-    model, ckpt_dir = _save_tiny_checkpoint(tmp_path, bpe_tokenizer, "qwen2")
+    ckpt_dir = str(tmp_path / "ckpt" / "qwen2")
+    save_tiny_checkpoint(ckpt_dir, 5, model.eval(), bpe_tokenizer)
     out = tmp_path / "exported"
     main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
     hf = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-from nanochat import checkpoint_manager as cm
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import CharTokenizer, load_tokenizer
 
@@ -36,13 +35,12 @@ def write_hf_tokenizer(path, lossy):
     return str(path)
 
 
-def test_tok_train_refuses_to_replace_a_tokenizer_checkpoints_were_trained_with(tmp_path):
+def test_tok_train_refuses_to_replace_a_tokenizer_checkpoints_were_trained_with(tmp_path, save_tiny_checkpoint):
     tok = CharTokenizer.train_from_iterator(CORPUS)
     tok.save(str(tmp_path / "tokenizer"))
     model = GPT(config_from_depth(1, tok.get_vocab_size(), sequence_len=16, n_embd=32, n_head=2))
     model.init_weights()
-    cm.save_checkpoint(str(tmp_path / "base_checkpoints" / "d1"), 7, model.state_dict(), None,
-                       {"model_config": model.config.to_dict()}, tok)
+    save_tiny_checkpoint(tmp_path / "base_checkpoints" / "d1", 7, model, tok)
     hf = write_hf_tokenizer(tmp_path / "hf.json", lossy=False)
     refused = run_tok_train(tmp_path, "--tokenizer", f"hf:{hf}")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr

@@ -1,0 +1,71 @@
+"""
+Shared test fixtures: a tiny character tokenizer, tiny GPTs with random weights, and checkpoints saved
+from them under a fresh NANOCHAT_BASE_DIR.
+
+    def test_x(char_tokenizer, tiny_gpt, save_tiny_checkpoint, nanochat_base):
+        model = tiny_gpt(char_tokenizer, sequence_len=128)
+        save_tiny_checkpoint(nanochat_base / "base_checkpoints" / "tiny", 1, model, char_tokenizer)
+
+The builders are session-scoped factories, so module-scoped fixtures can use them too; helpers_chat
+imports the plain functions for the chat servers it builds.
+"""
+
+import math
+
+import pytest
+import torch
+
+import nanochat.checkpoint_manager as cm
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import CharTokenizer
+
+CORPUS = "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789 +-*/=?,"
+
+
+def tiny_tokenizer(corpus=CORPUS):
+    """A character tokenizer of `corpus` (plus the special tokens): trained in microseconds."""
+    return CharTokenizer.train_from_iterator([corpus])
+
+
+def tiny_model(tokenizer, seed=0, sequence_len=256):
+    """A one-layer GPT for `tokenizer` with non-degenerate random weights (nanochat's init zeroes the
+    output projections, so an initialised model would answer the same token to everything), in eval mode."""
+    torch.manual_seed(seed)
+    model = GPT(config_from_depth(1, vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 / math.sqrt(p.size(-1)))
+    return model.eval()
+
+
+def save_model_checkpoint(checkpoint_dir, step, model, tokenizer, optimizer_states=None, **meta):
+    """Save `model` (and its tokenizer) as step `step` of `checkpoint_dir` with the meta every loader reads;
+    `meta` adds or replaces keys. Returns the step's directory."""
+    meta = {"model_config": model.config.to_dict(), "arch": model.config.arch, "train_args": {}, "metrics": {},
+            **meta}
+    return cm.save_checkpoint(str(checkpoint_dir), step, model.state_dict(), optimizer_states, meta, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt():
+    """tiny_gpt(tokenizer, seed=0, sequence_len=256): see tiny_model."""
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def save_tiny_checkpoint():
+    """save_tiny_checkpoint(checkpoint_dir, step, model, tokenizer, optimizer_states=None, **meta)."""
+    return save_model_checkpoint
+
+
+@pytest.fixture
+def nanochat_base(tmp_path, monkeypatch):
+    """A fresh, empty NANOCHAT_BASE_DIR for this test."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    return tmp_path
