@@ -4,6 +4,7 @@ The sandbox holds: every escape attempt below is contained, reported as a failur
 """
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -144,13 +145,16 @@ def test_low_level_process_creation_is_blocked():
         assert_contained(execute_code(code))
 
 
-def test_killing_the_host_process_is_blocked():
-    result = execute_code(f"import os\nos.kill({os.getpid()}, 9)")
-    assert_contained(result)
-    result = execute_code("import signal\nsignal.pthread_kill(1, 9)")
-    assert_contained(result)
-    # and this process is still here to check
-    assert os.getpid() > 0
+def test_killing_another_process_is_blocked():
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        for code in (f"import os\nos.kill({os.getpid()}, 9)", f"import os\nos.kill({bystander.pid}, 9)",
+                     "import signal\nsignal.pthread_kill(1, 9)"):
+            assert_contained(execute_code(code))
+        assert bystander.poll() is None  # still running: the kill never reached it
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 # -----------------------------------------------------------------------------
