@@ -426,10 +426,8 @@ def main(argv=None):
         load_optimizer_states(optimizers, resume, rank, device)
 
     # --- data
-    def loader(split, resume_state=None):
-        return make_loader(args, split, tokenizer, config.vocab_size, pretok_dir, device, rank, world_size,
-                           resume_state)
-    train_loader = loader("train", resume.meta["dataloader_state"][rank] if resume else None)
+    train_loader = make_loader(args, "train", tokenizer, config.vocab_size, pretok_dir, device, rank, world_size,
+                               resume_state=resume.meta["dataloader_state"][rank] if resume else None)
     token_bytes = get_token_bytes(device, tokenizer)
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
 
@@ -452,7 +450,8 @@ def main(argv=None):
         last_step = step == num_iterations
         resumed_here = resume_step == step  # the run that saved this step already evaluated and sampled it
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not resumed_here):
-            state.val_bpb = evaluate_val_bpb(model, loader("val"), eval_steps, token_bytes, autocast)
+            val_loader = make_loader(args, "val", tokenizer, config.vocab_size, pretok_dir, device, rank, world_size)
+            state.val_bpb = evaluate_val_bpb(model, val_loader, eval_steps, token_bytes, autocast)
             state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
             state.val_history.append([step, state.val_bpb])
             print0(f"step {step:05d} | val bpb {state.val_bpb:.4f}")
