@@ -387,18 +387,21 @@ def main(argv=None):
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = tokenizer.get_vocab_size()
     checkpoint_dir = os.path.join(get_base_dir(), cm.STAGE_DIRS["base"], args.model_tag or f"d{args.depth}")
-    config = resume.config if resume else config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
+    if resume is not None:
+        config = resume.config
+    else:
+        config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
     pretok_dir = None
     if args.data == "pretokenized":
         from nanochat.dataset import pretokenized_dir
         pretok_dir = os.path.abspath(args.pretok_dir or pretokenized_dir(tokenizer.fingerprint))
-    problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume.dir if resume else None,
-                                  resume.meta if resume else None, pretok_dir)
+    resume_dir, resume_meta = (resume.dir, resume.meta) if resume is not None else (None, None)
+    problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume_dir, resume_meta, pretok_dir)
     if problems:
         raise NanochatError("pre-flight check failed: " + "; ".join(problems) + ". Use the tokenizer the "
                             "checkpoint/data were made with (or extend the checkpoint with scripts.tok_extend, "
                             "or re-run `python -m nanochat.dataset --pretokenize`)")
-    if resume:
+    if resume is not None:
         wanted = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
         check_resume_matches(resume, config, wanted, world_size)
     tokenizer.encode_special("<|bos|>")  # a tokenizer without BOS cannot make BOS-aligned rows
@@ -422,19 +425,19 @@ def main(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     adamw, muon = optimizers
-    if resume:
+    if resume is not None:
         load_optimizer_states(optimizers, resume, rank, device)
 
     # --- data
     train_loader = make_loader(args, "train", tokenizer, config.vocab_size, pretok_dir, device, rank, world_size,
-                               resume_state=resume.meta["dataloader_state"][rank] if resume else None)
+                               resume_state=resume_meta["dataloader_state"][rank] if resume is not None else None)
     token_bytes = get_token_bytes(device, tokenizer)
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
 
     # --- resume: the loop state and RNG where the checkpoint left them
     state = LoopState()
     resume_step = None
-    if resume:
+    if resume is not None:
         resume_step = resume.step
         state = LoopState.from_checkpoint(resume.meta, resume_step)
         cm.restore_rng_state(resume.meta["rng"][rank])
