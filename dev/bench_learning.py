@@ -129,12 +129,17 @@ def format_table(rows):
 
 def main(argv=None):
     p = ArgumentParser(description="Val bits/byte of base_train variants at the same token or wall-clock budget.")
-    p.add_argument("--variant", action="append", default=[], help="'NAME: --flag value ...' (repeat; default: baseline)")
-    p.add_argument("--tokens", type=int, default=1_638_400, help="training tokens per variant (default 400 steps of 4096)")
-    p.add_argument("--seconds", type=float, default=0.0, help="training seconds per variant instead of --tokens (0: off)")
-    p.add_argument("--probe-steps", type=int, default=12, help="steps of the probe run that measures ms/step (--seconds)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="'NAME: --flag value ...' (repeat; default: baseline)")
+    p.add_argument("--tokens", type=int, default=1_638_400,
+                   help="training tokens per variant (default: 400 steps of 4096)")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="training seconds per variant instead of --tokens (0: off)")
+    p.add_argument("--probe-steps", type=int, default=12,
+                   help="steps of the probe run that measures ms/step (--seconds)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="val tokens of the final evaluation")
-    p.add_argument("--base-dir", default=None, help="corpus + tokenizer folder (prepared when missing; default: a temp folder)")
+    p.add_argument("--base-dir", default=None,
+                   help="corpus + tokenizer folder (prepared when missing; default: a temp folder)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocab when preparing")
     p.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "bench_learning.log"),
                    help="append every base_train command and output here")
@@ -169,7 +174,8 @@ def main(argv=None):
                              seconds=sum(step_ms) / 1000, bpb=bpb))
             print(f"{name}: val bpb {bpb}", flush=True)
         budget = f"{args.seconds:.0f} s of training" if args.seconds else f"{args.tokens:,} tokens"
-        print(f"\nbudget: {budget} per variant; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; log: {log_path}")
+        threads = os.environ.get("OMP_NUM_THREADS", "unset")
+        print(f"\nbudget: {budget} per variant; OMP_NUM_THREADS={threads}; log: {log_path}")
         print(format_table(rows))
     finally:
         if tmp:

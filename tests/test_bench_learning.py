@@ -56,10 +56,12 @@ def test_tiny_run_trains_each_variant_for_the_token_budget_and_prints_the_table(
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
     os.makedirs(tmp_path / "base_data")
     for s in range(3):
-        dataset.write_shard(str(tmp_path / "base_data" / dataset.shard_name(s)), docs[s * 50:(s + 1) * 50], row_group_docs=10)
+        shard = str(tmp_path / "base_data" / dataset.shard_name(s))
+        dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
     CharTokenizer.train_from_iterator(docs).save(str(tmp_path / "tokenizer"))
     tiny = "--depth 1 --max-seq-len 32 --device-batch-size 2 --buffer-docs 8"
-    assert bl.main(["--base-dir", str(tmp_path), "--tokens", "192", "--eval-tokens", "64", "--log", str(tmp_path / "log"),
+    assert bl.main(["--base-dir", str(tmp_path), "--tokens", "192", "--eval-tokens", "64",
+                    "--log", str(tmp_path / "log"),
                     "--variant", f"small: {tiny}", "--variant", f"hot: {tiny} --matrix-lr 0.05"]) is None
     out = capsys.readouterr().out
     assert "| small | `" in out and "| hot | `" in out and "| 3 | 192 |" in out   # 192 tokens = 3 steps of 2 x 32
