@@ -86,17 +86,23 @@ def parse_log(text):
 def train(python, argv, num_iterations, base_dir, log_path):
     """Run base_train; return (its output, wall seconds). A failed run stops the benchmark with its log."""
     cmd = [python, "-m", "scripts.base_train"] + argv + ["--num-iterations", str(num_iterations)]
-    env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir, PYTHONUNBUFFERED="1")
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    with open(log_path, "a") as f:   # streamed, so a long run can be followed with tail -f
+        f.write("$ " + shlex.join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            lines.append(line)
+            f.write(line)
+            f.flush()
+        returncode = proc.wait()
     wall = time.time() - t0
-    with open(log_path, "a") as f:
-        f.write("$ " + shlex.join(cmd) + "\n" + proc.stdout + "\n")
     shutil.rmtree(os.path.join(base_dir, "base_checkpoints", MODEL_TAG), ignore_errors=True)
-    if proc.returncode != 0:
-        tail = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
-        raise NanochatError(f"base_train failed (exit {proc.returncode}): {tail[0]}; full log: {log_path}")
-    return proc.stdout, wall
+    if returncode != 0:
+        tail = "".join(lines).strip().splitlines()[-1:] or ["(no output)"]
+        raise NanochatError(f"base_train failed (exit {returncode}): {tail[0]}; full log: {log_path}")
+    return "".join(lines), wall
 
 
 def prepare(python, base_dir, vocab_size):
