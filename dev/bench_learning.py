@@ -179,7 +179,7 @@ def main(argv=None):
             rows.append(dict(name=name, flags=flags, steps=steps, tokens=steps * step_tokens,
                              seconds=sum(step_ms) / 1000, bpb=bpb))
             print(f"{name}: val bpb {bpb}", flush=True)
-        budget = f"{args.seconds:.0f} s of training" if args.seconds else f"{args.tokens:,} tokens"
+        budget = f"{args.seconds:g} s of training" if args.seconds else f"{args.tokens:,} tokens"
         threads = os.environ.get("OMP_NUM_THREADS", "unset")
         print(f"\nbudget: {budget} per variant; OMP_NUM_THREADS={threads}; log: {log_path}")
         print(format_table(rows))

@@ -76,3 +76,20 @@ def test_failed_variant_stops_with_the_log_path(tmp_path):
     with pytest.raises(NanochatError, match="base_train failed .*full log"):
         bl.main(["--base-dir", str(tmp_path), "--tokens", "64", "--log", str(tmp_path / "log"),
                  "--variant", "bad: --total-batch-size 100"])
+
+
+def test_seconds_budget_sets_the_steps_from_a_probe_run_of_the_variant(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    os.makedirs(tmp_path / "base_data")
+    docs = [f"word{i % 7} and word{i % 5} " * 4 for i in range(60)]
+    for s in range(2):
+        dataset.write_shard(str(tmp_path / "base_data" / dataset.shard_name(s)), docs[s * 30:(s + 1) * 30], 10)
+    CharTokenizer.train_from_iterator(docs).save(str(tmp_path / "tokenizer"))
+    bl.main(["--base-dir", str(tmp_path), "--seconds", "0.3", "--probe-steps", "3", "--eval-tokens", "64",
+             "--log", str(tmp_path / "log"), "--variant", "tiny: --depth 1 --max-seq-len 32 --device-batch-size 2"])
+    log = open(tmp_path / "log").read()
+    runs = [line for line in log.splitlines() if line.startswith("$ ")]
+    assert len(runs) == 2 and runs[0].endswith("--num-iterations 3")   # the probe, then the measured run
+    steps = int(runs[1].rsplit(" ", 1)[1])
+    out = capsys.readouterr().out
+    assert "budget: 0.3 s of training" in out and "| tiny | `" in out and f"| {steps} | {steps * 64} |" in out
