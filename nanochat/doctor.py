@@ -307,6 +307,17 @@ def _device_memory():
         return None, "unknown"
 
 
+def sandbox_row(require_confinement):
+    """Whether model-written code (HumanEval in chat_eval) can run here: the kernel must confine it. A run
+    that will evaluate HumanEval asks with require_confinement, so it stops now rather than hours later."""
+    from nanochat.sandbox import describe, sandbox_capabilities
+    capabilities = sandbox_capabilities()
+    if capabilities["confined"]:
+        return OK, describe(capabilities)
+    consequence = "chat_eval will refuse HumanEval (fix the kernel setup, or pass --unsafe-execution to chat_eval)"
+    return (FAIL if require_confinement else WARN), f"{describe(capabilities)}; {consequence}"
+
+
 def format_table(rows):
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -336,11 +347,14 @@ def main(argv=None):
     parser.add_argument("--device-batch-size", type=int, default=None)
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--no-verify", action="store_true", help="skip checkpoint checksums (very large checkpoints)")
+    parser.add_argument("--require-sandbox", action="store_true",
+                        help="a MISMATCH (not a warning) when the kernel cannot confine model-written code")
     args = parser.parse_args(argv)
     checks = check_all(tokenizer_dir=args.tokenizer, checkpoint=args.checkpoint, data_dir=args.data,
                        pretok_dir=args.pretokenized, freeze_until_index=args.freeze_until_index,
                        depth=args.depth, device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len,
                        verify=False if args.no_verify else None)
+    checks.add("sandbox", *sandbox_row(args.require_sandbox))
     print(format_table(checks.rows))
     if checks.failed:
         print("doctor: mismatches found (see MISMATCH rows)")
