@@ -115,14 +115,16 @@ def validate_checkpoint(step_dir, meta, tokenizer, config):
     if fp_meta != tokenizer.fingerprint:
         raise NanochatError(
             f"tokenizer fingerprint mismatch: checkpoint meta {meta_path} says {str(fp_meta)[:16]} but the tokenizer "
-            f"{getattr(tokenizer, 'source_dir', tok_path)} is {tokenizer.fingerprint[:16]}; use the tokenizer the model was trained with")
+            f"{getattr(tokenizer, 'source_dir', tok_path)} is {tokenizer.fingerprint[:16]}; "
+            f"use the tokenizer the model was trained with")
     vocab_tok = tokenizer.get_vocab_size()
     if config.vocab_size != vocab_tok:
         raise NanochatError(
             f"vocab size mismatch: model config in {meta_path} has vocab_size {config.vocab_size} but the tokenizer "
             f"{tok_path} has {vocab_tok} ids; the model must be built (or extended) for this tokenizer")
     if "vocab_size" in meta and meta["vocab_size"] != vocab_tok:
-        raise NanochatError(f"vocab size mismatch: meta {meta_path} records vocab_size {meta['vocab_size']} but the tokenizer {tok_path} has {vocab_tok}")
+        raise NanochatError(f"vocab size mismatch: meta {meta_path} records vocab_size {meta['vocab_size']} "
+                            f"but the tokenizer {tok_path} has {vocab_tok}")
     weights = os.path.join(step_dir, WEIGHTS)
     have = checkpoint_shapes(weights)
     for alias, src in (meta.get("tied_weights") or {}).items():
@@ -133,11 +135,13 @@ def validate_checkpoint(step_dir, meta, tokenizer, config):
     extra = sorted(set(have) - set(want))
     if missing or extra:
         raise NanochatError(
-            f"checkpoint tensors do not match the config in {meta_path}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"checkpoint tensors do not match the config in {meta_path}: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'…' if len(extra) > 5 else ''} in {weights}")
     for k in sorted(want):
         if want[k] != have[k]:
-            raise NanochatError(f"tensor shape mismatch for {k}: {weights} has {list(have[k])} but the config in {meta_path} needs {list(want[k])}")
+            raise NanochatError(f"tensor shape mismatch for {k}: {weights} has {list(have[k])} "
+                                f"but the config in {meta_path} needs {list(want[k])}")
 
 
 _unverified_noted = set()
