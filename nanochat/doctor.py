@@ -95,7 +95,7 @@ def open_checkpoint_fully(checkpoint_dir, step=None, verify=None):
 
 def pretokenized_problems(pretok_dir, fingerprint, tokenizer_desc, model_vocab_size):
     """Pre-tokenized shards against a tokenizer fingerprint and the model's vocab."""
-    from nanochat.dataset import PRETOK_META
+    from nanochat.pretokenized import PRETOK_META
     meta_path = os.path.join(pretok_dir, PRETOK_META)
     if not os.path.exists(meta_path):
         return [f"no pre-tokenized shards in {pretok_dir}; run `python -m nanochat.dataset --pretokenize`"]
@@ -234,13 +234,13 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
         checks.run("freeze index", freeze)
 
     # --- data: parquet shards
-    from nanochat import dataset
+    from nanochat import dataset, pretokenized, shard_download
     data_dir = os.path.abspath(data_dir or dataset.default_data_dir())
 
     def shards():
         files = dataset.list_parquet_files(data_dir)
         for path in files:
-            dataset.check_parquet_shard(path)
+            shard_download.check_parquet_shard(path)
         return OK, f"{len(files)} readable parquet shards in {data_dir} (last = validation)"
     if os.path.isdir(data_dir):
         checks.run("text shards", shards)
@@ -249,10 +249,10 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
 
     # --- data: pre-tokenized shards (fingerprint and id range vs the tokenizer / model)
     if pretok_dir is None and tokenizer is not None:
-        pretok_dir = dataset.pretokenized_dir(tokenizer.fingerprint)
-    if pretok_dir and os.path.isfile(os.path.join(pretok_dir, dataset.PRETOK_META)):
+        pretok_dir = pretokenized.pretokenized_dir(tokenizer.fingerprint)
+    if pretok_dir and os.path.isfile(os.path.join(pretok_dir, pretokenized.PRETOK_META)):
         def pretok():
-            pmeta = read_json(os.path.join(pretok_dir, dataset.PRETOK_META), "pre-tokenized shard metadata")
+            pmeta = read_json(os.path.join(pretok_dir, pretokenized.PRETOK_META), "pre-tokenized shard metadata")
             vocab = config.vocab_size if config is not None else (tokenizer.get_vocab_size() if tokenizer else None)
             ref = ckpt_tok or tokenizer
             if ref is not None:
