@@ -11,10 +11,10 @@ import torch
 
 import string
 
+from nanochat.conversation_loader import ConversationBatches, PackedConversations, collate_supervised
+from nanochat.policy_gradient import group_advantages, policy_gradient_loss
+from nanochat.post_training import lr_multiplier
 from nanochat.tokenizer import CharTokenizer
-from scripts.chat_rl import group_advantages, pad_samples, policy_gradient_loss
-from scripts.chat_sft import ConversationBatches, sft_collate
-from scripts.mid_train import PackedConversations, lr_multiplier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def test_sft_batches_supervise_exactly_the_assistant_tokens_and_not_user_or_tool
                           {"role": "assistant", "content": "b-a-n-a-n-a"}]}
     rows = [tokenizer.render_conversation(TOOL_CONVERSATION), tokenizer.render_conversation(short)]
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    inputs, targets = sft_collate(rows, pad_id)
+    inputs, targets = collate_supervised(rows, pad_id)
     assert inputs.shape == targets.shape == (2, len(rows[0][0]) - 1)
     for b, (ids, _) in enumerate(rows):
         spec = expected_supervision(tokenizer, ids)
@@ -98,7 +98,7 @@ def test_rl_policy_gradient_uses_only_sampled_tokens():
     # prompt [5, 6], then sampled 7, forced tool output 8 (mask 0), sampled 9
     seqs = [[5, 6, 7, 8, 9], [5, 6, 7]]
     masks = [[0, 0, 1, 0, 1], [0, 0, 1]]
-    inputs, targets = pad_samples(seqs, masks, pad_id=0)
+    inputs, targets = collate_supervised(list(zip(seqs, masks)), pad_id=0)
     assert targets.tolist() == [[-1, 7, -1, 9], [-1, 7, -1, -1]]
     logprobs = torch.tensor([[-9.0, -1.0, -9.0, -2.0], [-9.0, -3.0, -9.0, -9.0]])
     adv = torch.tensor([0.5, -0.5])
