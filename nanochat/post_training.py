@@ -5,6 +5,7 @@ data fits the model's vocab, validation loss over ranks, and the stage checkpoin
 """
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,8 +32,27 @@ def add_optimizer_flags(parser, init_lr_frac, init_lr_help="start at this fracti
     parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help=init_lr_help)
 
 
+def add_source_flags(parser, source_default, source_choices, offline_help="train on the offline tasks (no network)"):
+    """Which checkpoint to start from and where this stage saves; offline tasks; the device."""
+    parser.add_argument("-i", "--source", default=source_default, choices=source_choices,
+                        help="checkpoint family to start from")
+    parser.add_argument("-g", "--model-tag", default=None, help="tag of the source checkpoint (default: the newest)")
+    parser.add_argument("-s", "--step", type=int, default=None,
+                        help="step of the source checkpoint (default: the last)")
+    parser.add_argument("--output-tag", default=None, help="tag to save under (default: the source's tag)")
+    parser.add_argument("--offline", action="store_true", help=offline_help)
+    parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+
+
+def add_freeze_flag(parser):
+    parser.add_argument("--freeze-until-index", type=int, default=None,
+                        help="keep embedding/output rows < N unchanged "
+                             "(default: original vocab of an extended tokenizer; 0: off)")
+
+
 def add_run_flags(parser, stage_name):
-    """--resume and its companions, the wandb run name and the seed."""
+    """Periodic checkpoints, --resume and its companions, the wandb run name and the seed."""
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue the newest complete {stage_name} checkpoint with its own arguments")
     parser.add_argument("--resume-step", type=int, default=None,
@@ -43,14 +63,36 @@ def add_run_flags(parser, stage_name):
     parser.add_argument("--seed", type=int, default=42)
 
 
-def parse_stage_args(parser, argv, stage, may_change):
-    """Parse; with --resume, the run's own arguments from its checkpoint (flags in `may_change` may differ)."""
+def parse_stage_args(parser, argv, stage, may_change, positive=()):
+    """Parse; with --resume, the run's own arguments from its checkpoint (flags in `may_change` may differ).
+    The flags named in `positive` must be >= 1; --num-iterations > 0 (or -1) and --num-epochs > 0."""
     args, explicit = parse_args_noting_explicit(parser, argv)
     if args.resume:
-        return resumed_run_args(stage, args, explicit, may_change, RESUME_RUNTIME)
-    if args.resume_step is not None or args.override_args:
+        args = resumed_run_args(stage, args, explicit, may_change, RESUME_RUNTIME)
+    elif args.resume_step is not None or args.override_args:
         raise NanochatError("--resume-step and --override-args only apply with --resume")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_iterations == 0 or args.num_epochs <= 0:
+        raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
     return args
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+def load_stage_model(stage, args, device, rank, label):
+    """The model to train: the --source checkpoint, or with --resume this stage's own newest one (either way
+    checked against the tokenizer). Returns (model, tokenizer, resume_state, optimizer_states, checkpoint_dir,
+    start_step); resume_state and optimizer_states are None when starting fresh."""
+    from nanochat.checkpoint_manager import start_or_resume
+    loaded = start_or_resume(stage, args.source, device, rank, args.resume, args.model_tag, args.step,
+                             args.output_tag, args.resume_step)
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = loaded
+    if resume_state is not None:
+        print0(f"resuming {label} from {checkpoint_dir} step {start_step}")
+    return loaded
 
 
 # -----------------------------------------------------------------------------
@@ -130,6 +172,19 @@ def build_optimizers(model, args, optimizer_states=None):
     return optimizers
 
 
+def accumulate_gradients(model, loader, grad_accum_steps, device, autocast):
+    """Forward and backward over `grad_accum_steps` batches, the loss averaged over them. Returns the last
+    batch's loss and the number of target tokens seen (targets >= 0)."""
+    num_tokens = 0
+    for _ in range(grad_accum_steps):
+        inputs, targets = loader.next_batch(device)
+        with autocast:
+            loss = model(inputs, targets)
+        (loss / grad_accum_steps).backward()
+        num_tokens += int((targets >= 0).sum().item())
+    return loss.item(), num_tokens
+
+
 def lr_multiplier(progress, warmdown_ratio):
     """1.0, then linearly down to 0 over the last `warmdown_ratio` of training (progress in [0, 1]);
     warmdown_ratio=1 is a linear decay from the start."""
@@ -148,8 +203,17 @@ def step_optimizers(model, optimizers, lrm):
     model.zero_grad(set_to_none=True)
 
 
+def eta_seconds(t_start, start_step, step, num_iterations):
+    """Time left at the pace of this invocation's steps so far."""
+    return (time.time() - t_start) / (step - start_step) * (num_iterations - step)
+
+
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the report card
+
+def periodic_save_due(step, save_every, num_iterations):
+    """--save-every N: a checkpoint every N steps before the last (the last step always saves)."""
+    return save_every > 0 and step % save_every == 0 and step < num_iterations
 
 def save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, rank, stage, args, metrics,
                           loader_state, **extra_meta):
@@ -167,7 +231,16 @@ def save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, ra
 
 
 def restore_rng(resume_state):
-    """Continue the random streams of the run being resumed (sampling, dropout-free but seeded ops)."""
+    """Continue the random streams of the run being resumed."""
     if resume_state is not None and resume_state.get("rng"):
         from nanochat.checkpoint_manager import restore_rng_state
         restore_rng_state(resume_state["rng"])
+
+
+def log_loss_curves(prefix, section, train_curve, val_curve):
+    """The (step, loss) curves as plots in the report card section (rank 0 only)."""
+    from nanochat.report import get_report
+    report = get_report()
+    for label, curve in (("train", train_curve), ("val", val_curve)):
+        if curve:
+            report.log_series(f"{prefix}: {label}", [s for s, _ in curve], [v for _, v in curve], section=section)

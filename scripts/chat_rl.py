@@ -25,9 +25,10 @@ from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, com
                              init_wandb, print0, run_main)
 from nanochat.conversation_loader import collate_supervised
 from nanochat.policy_gradient import group_advantages, policy_gradient_loss, reward_of
-from nanochat.post_training import (add_optimizer_flags, add_run_flags, all_reduce_mean, autocast_for,
-                                    build_optimizers, lr_multiplier, parse_stage_args, rank_loader_state,
-                                    restore_rng, save_stage_checkpoint, step_optimizers)
+from nanochat.post_training import (add_optimizer_flags, add_run_flags, add_source_flags, all_reduce_mean,
+                                    autocast_for, build_optimizers, eta_seconds, load_stage_model, lr_multiplier,
+                                    parse_stage_args, periodic_save_due, rank_loader_state, restore_rng,
+                                    save_stage_checkpoint, step_optimizers)
 
 
 # -----------------------------------------------------------------------------
@@ -50,12 +51,7 @@ RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "save_every",
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="On-policy RL (group-relative policy gradient) on math problems.")
-    parser.add_argument("-i", "--source", default="sft", choices=["sft", "mid"], help="checkpoint to start from")
-    parser.add_argument("-g", "--model-tag", default=None)
-    parser.add_argument("-s", "--step", type=int, default=None)
-    parser.add_argument("--output-tag", default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--offline", action="store_true", help="synthetic arithmetic instead of GSM8K (no network)")
-    parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+    add_source_flags(parser, "sft", ["sft", "mid"], offline_help="synthetic arithmetic instead of GSM8K (no network)")
     parser.add_argument("--num-epochs", type=float, default=1.0)
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)")
     parser.add_argument("--examples-per-step", type=int, default=16, help="prompts per optimizer step, all ranks")
@@ -68,15 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=60, help="pass@k eval every N steps (0: only at the end)")
     parser.add_argument("--eval-examples", type=int, default=400, help="held-out problems in the pass@k eval")
     parser.add_argument("--pass-k", type=int, default=8, help="k of the pass@k eval (samples per problem)")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add_run_flags(parser, "RL")
-    args = parse_stage_args(parser, argv, "rl", RESUME_MAY_CHANGE)
-    for name in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_examples",
-                 "pass_k"):
-        if getattr(args, name) < 1:
-            raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_iterations == 0 or args.num_epochs <= 0:
-        raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
+    args = parse_stage_args(parser, argv, "rl", RESUME_MAY_CHANGE,
+                            positive=("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens",
+                                      "eval_examples", "pass_k"))
     return args
 
 
@@ -85,16 +76,13 @@ def main(argv=None):
 
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
-    from nanochat.checkpoint_manager import start_or_resume
     from nanochat.engine import Engine
     autocast = autocast_for(device)
     wandb_run = init_wandb(args.run, "nanochat-rl", vars(args))
 
     # --- model (checks tokenizer/model agreement)
-    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
-        "rl", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag, args.resume_step)
-    if resume_state is not None:
-        print0(f"resuming RL from {checkpoint_dir} step {start_step}")
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = load_stage_model(
+        "rl", args, device, rank, "RL")
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
@@ -189,11 +177,11 @@ def main(argv=None):
         step += 1
         mean_reward = all_reduce_mean(sum(rewards_seen) / max(len(rewards_seen), 1), device)
         dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start_step) * (num_iterations - step)
+        eta = eta_seconds(t_start, start_step, step, num_iterations)
         print0(f"step {step:05d}/{num_iterations} | mean reward {mean_reward:.3f} | lrm {lrm:.3f} | "
                f"{num_sampled * world_size / dt:,.0f} sampled tok/s | eta {format_duration(eta)}")
         wandb_run.log({"step": step, "reward": mean_reward, "lrm": lrm})
-        if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+        if periodic_save_due(step, args.save_every, num_iterations):
             save(step, dict(metrics, mean_reward=mean_reward))
 
     # --- save and report

@@ -13,8 +13,8 @@ Run:
     python -m scripts.chat_sft --offline -i mid       # offline tasks (CPU profile)
     python -m scripts.chat_sft --resume               # continue the newest complete SFT checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --device-batch-size 4
-`--freeze-until-index N` keeps rows < N of the embedding and output head unchanged (default: the
-original vocab size if the tokenizer was extended, else nothing; 0 turns it off).
+With an extended tokenizer the original vocab's embedding and output rows stay as they were, as in
+midtraining (`--freeze-until-index N` sets the boundary, 0 turns it off).
 """
 
 import time
@@ -23,9 +23,11 @@ from nanochat.chat_evaluation import build_eval_task, run_generative_eval
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
 from nanochat.conversation_loader import ConversationBatches
-from nanochat.post_training import (add_optimizer_flags, add_run_flags, autocast_for, build_optimizers,
-                                    check_task_tokens_fit, lr_multiplier, parse_stage_args, rank_loader_state,
-                                    restore_rng, save_stage_checkpoint, step_optimizers, validation_loss)
+from nanochat.post_training import (accumulate_gradients, add_freeze_flag, add_optimizer_flags, add_run_flags,
+                                    add_source_flags, autocast_for, build_optimizers, check_task_tokens_fit,
+                                    eta_seconds, load_stage_model, log_loss_curves, lr_multiplier,
+                                    parse_stage_args, periodic_save_due, rank_loader_state, restore_rng,
+                                    save_stage_checkpoint, step_optimizers, validation_loss)
 
 
 SECTION = "Chat SFT"  # the report card section
@@ -77,13 +79,7 @@ RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "eval_steps",
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Supervised fine-tuning on conversations (loss on assistant tokens only).")
-    parser.add_argument("-i", "--source", default="mid", choices=["base", "mid"], help="checkpoint to start from")
-    parser.add_argument("-g", "--model-tag", default=None, help="tag of the source checkpoint (default: the newest)")
-    parser.add_argument("-s", "--step", type=int, default=None,
-                        help="step of the source checkpoint (default: the last)")
-    parser.add_argument("--output-tag", default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--offline", action="store_true", help="train on the offline tasks (no network)")
-    parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+    add_source_flags(parser, "mid", ["base", "mid"])
     parser.add_argument("--num-epochs", type=float, default=1.0,
                         help="epochs over the mixture (if --num-iterations < 0)")
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)")
@@ -100,18 +96,11 @@ def parse_args(argv=None):
                         help="generative eval every N steps (0: only at the end)")
     parser.add_argument("--eval-max-problems", type=int, default=64, help="problems per task in the generative eval")
     parser.add_argument("--eval-max-new-tokens", type=int, default=128)
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--freeze-until-index", type=int, default=None,
-                        help="keep embedding/output rows < N unchanged "
-                             "(default: original vocab of an extended tokenizer)")
+    add_freeze_flag(parser)
     add_run_flags(parser, "SFT")
-    args = parse_stage_args(parser, argv, "sft", RESUME_MAY_CHANGE)
-    for name in ("device_batch_size", "target_examples_per_step", "eval_steps", "eval_max_problems",
-                 "eval_max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_iterations == 0 or args.num_epochs <= 0:
-        raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
+    args = parse_stage_args(parser, argv, "sft", RESUME_MAY_CHANGE,
+                            positive=("device_batch_size", "target_examples_per_step", "eval_steps",
+                                      "eval_max_problems", "eval_max_new_tokens"))
     return args
 
 
@@ -120,17 +109,14 @@ def main(argv=None):
 
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
-    from nanochat.checkpoint_manager import start_or_resume
     from nanochat.engine import Engine
     from nanochat.freeze import FrozenRows, resolve_freeze_index
     autocast = autocast_for(device)
     wandb_run = init_wandb(args.run, "nanochat-sft", vars(args))
 
     # --- model: the source checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
-    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
-        "sft", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag, args.resume_step)
-    if resume_state is not None:
-        print0(f"resuming SFT from {checkpoint_dir} step {start_step}")
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = load_stage_model(
+        "sft", args, device, rank, "SFT")
     config = model.config
     vocab_size = tokenizer.get_vocab_size()
     freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)  # bad index: error before any work
@@ -200,26 +186,19 @@ def main(argv=None):
             break
 
         t0 = time.time()
-        num_tokens = 0
-        for _ in range(grad_accum_steps):
-            inputs, targets = train_loader.next_batch(device)
-            with autocast:
-                loss = model(inputs, targets)
-            (loss / grad_accum_steps).backward()
-            num_tokens += int((targets >= 0).sum().item())
-            train_loss = loss.item()
+        train_loss, num_tokens = accumulate_gradients(model, train_loader, grad_accum_steps, device, autocast)
         lrm = lr_multiplier(step / num_iterations, warmdown_ratio=1.0)  # linear decay to zero
         step_optimizers(model, optimizers, lrm)
         frozen.restore()
         step += 1
         train_curve.append((step, train_loss))
         dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start_step) * (num_iterations - step)
+        eta = eta_seconds(t_start, start_step, step, num_iterations)
         print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"{num_tokens * world_size / dt:,.0f} supervised tok/s | epoch {train_loader.progress():.2f} | "
                f"eta {format_duration(eta)}")
         wandb_run.log({"step": step, "train_loss": train_loss, "lrm": lrm})
-        if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+        if periodic_save_due(step, args.save_every, num_iterations):
             save(step, dict(metrics, train_loss=train_loss))
 
     # --- save and report
@@ -229,11 +208,8 @@ def main(argv=None):
         assert frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
     if rank == 0:
         from nanochat.report import get_report
-        report = get_report()
-        for label, curve in (("train", train_curve), ("val", val_curve)):
-            if curve:
-                report.log_series(f"sft: {label}", [s for s, _ in curve], [v for _, v in curve], section=SECTION)
-        report.log(section=SECTION, data=[
+        log_loss_curves("sft", SECTION, train_curve, val_curve)
+        get_report().log(section=SECTION, data=[
             {k: v for k, v in vars(args).items()},
             {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
              "Frozen rows": freeze_index, "Training time": format_duration(time.time() - t_start)},

@@ -24,9 +24,11 @@ import time
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
 from nanochat.conversation_loader import PackedConversations
-from nanochat.post_training import (add_optimizer_flags, add_run_flags, autocast_for, build_optimizers,
-                                    check_task_tokens_fit, lr_multiplier, parse_stage_args, rank_loader_state,
-                                    restore_rng, save_stage_checkpoint, step_optimizers, validation_loss)
+from nanochat.post_training import (accumulate_gradients, add_freeze_flag, add_optimizer_flags, add_run_flags,
+                                    add_source_flags, autocast_for, build_optimizers, check_task_tokens_fit,
+                                    eta_seconds, load_stage_model, log_loss_curves, lr_multiplier,
+                                    parse_stage_args, periodic_save_due, rank_loader_state, restore_rng,
+                                    save_stage_checkpoint, step_optimizers, validation_loss)
 
 
 SECTION = "Midtraining"  # the report card section
@@ -71,12 +73,7 @@ RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "eval_steps",
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Midtraining: conversation format, tool use and multiple choice.")
-    parser.add_argument("-i", "--source", default="base", choices=["base"], help="checkpoint family to start from")
-    parser.add_argument("-g", "--model-tag", default=None, help="tag of the base checkpoint (default: the newest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="step of the base checkpoint (default: the last)")
-    parser.add_argument("--output-tag", default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--offline", action="store_true", help="train on the offline tasks (no network)")
-    parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+    add_source_flags(parser, "base", ["base"])
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="row length T (default: the model's sequence_len)")
@@ -92,16 +89,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=150,
                         help="validation loss every N steps (0: only at the end)")
     parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per eval")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--freeze-until-index", type=int, default=None,
-                        help="keep embedding/output rows < N unchanged "
-                             "(default: original vocab of an extended tokenizer)")
+    add_freeze_flag(parser)
     add_run_flags(parser, "mid")
-    args = parse_stage_args(parser, argv, "mid", RESUME_MAY_CHANGE)
-    if args.device_batch_size < 1 or args.eval_steps < 1:
-        raise NanochatError("--device-batch-size and --eval-steps must be >= 1")
-    if args.num_iterations == 0 or args.num_epochs <= 0:
-        raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
+    args = parse_stage_args(parser, argv, "mid", RESUME_MAY_CHANGE, positive=("device_batch_size", "eval_steps"))
     if not 0 <= args.warmdown_ratio <= 1:
         raise NanochatError("--warmdown-ratio must be between 0 and 1")
     return args
@@ -112,16 +102,13 @@ def main(argv=None):
 
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
-    from nanochat.checkpoint_manager import start_or_resume
     from nanochat.freeze import FrozenRows, resolve_freeze_index
     autocast = autocast_for(device)
     wandb_run = init_wandb(args.run, "nanochat-mid", vars(args))
 
     # --- model: the base checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
-    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
-        "mid", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag, args.resume_step)
-    if resume_state is not None:
-        print0(f"resuming midtraining from {checkpoint_dir} step {start_step}")
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = load_stage_model(
+        "mid", args, device, rank, "midtraining")
     config = model.config
     vocab_size = tokenizer.get_vocab_size()
     freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)  # bad index: error before any work
@@ -181,23 +168,18 @@ def main(argv=None):
             break
 
         t0 = time.time()
-        for _ in range(grad_accum_steps):
-            inputs, targets = train_loader.next_batch(device)
-            with autocast:
-                loss = model(inputs, targets)
-            (loss / grad_accum_steps).backward()
-            train_loss = loss.item()
+        train_loss, _ = accumulate_gradients(model, train_loader, grad_accum_steps, device, autocast)
         lrm = lr_multiplier(step / num_iterations, args.warmdown_ratio)
         step_optimizers(model, optimizers, lrm)
         frozen.restore()
         step += 1
         train_curve.append((step, train_loss))
         dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start_step) * (num_iterations - step)
+        eta = eta_seconds(t_start, start_step, step, num_iterations)
         print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"{total_batch_size / dt:,.0f} tok/s | epoch {train_loader.progress():.2f} | eta {format_duration(eta)}")
         wandb_run.log({"step": step, "train_loss": train_loss, "lrm": lrm})
-        if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+        if periodic_save_due(step, args.save_every, num_iterations):
             save(step, dict(metrics, train_loss=train_loss))
 
     # --- save and report
@@ -207,11 +189,8 @@ def main(argv=None):
         assert frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
     if rank == 0:
         from nanochat.report import get_report
-        report = get_report()
-        for label, curve in (("train", train_curve), ("val", val_curve)):
-            if curve:
-                report.log_series(f"mid: {label}", [s for s, _ in curve], [v for _, v in curve], section=SECTION)
-        report.log(section=SECTION, data=[
+        log_loss_curves("mid", SECTION, train_curve, val_curve)
+        get_report().log(section=SECTION, data=[
             {k: v for k, v in vars(args).items()},
             {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
              "Tokens per step": total_batch_size, "Frozen rows": freeze_index,

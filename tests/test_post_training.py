@@ -11,6 +11,7 @@ import torch
 
 import string
 
+from nanochat.chat_evaluation import run_categorical_eval
 from nanochat.conversation_loader import ConversationBatches, PackedConversations, collate_supervised
 from nanochat.policy_gradient import group_advantages, policy_gradient_loss
 from nanochat.post_training import lr_multiplier
@@ -107,7 +108,8 @@ def test_rl_policy_gradient_uses_only_sampled_tokens():
 
 
 def test_mid_packing_rows_start_conversations_with_bos_and_resume_exactly(tokenizer):
-    convs = [TOOL_CONVERSATION, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 5
+    hello = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    convs = [TOOL_CONVERSATION, hello] * 5
     loader = PackedConversations(convs, tokenizer, B=2, T=16)
     x0, y0 = loader.next_batch("cpu")
     assert x0[0, 0].item() == tokenizer.get_bos_token_id()
@@ -139,6 +141,29 @@ def test_mid_lr_schedule_is_constant_then_warms_down_to_zero():
     assert lr_multiplier(0.0, 0.2) == 1.0 and lr_multiplier(0.79, 0.2) == 1.0
     assert lr_multiplier(0.9, 0.2) == pytest.approx(0.5)
     assert lr_multiplier(1.0, 0.2) == 0.0
+
+
+class LetterTask(list):
+    """Multiple-choice conversations whose right answer is the letter stored with each."""
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, predicted):
+        return predicted == conversation["answer"]
+
+
+def test_categorical_eval_counts_the_letter_with_the_highest_logit_and_reports_progress(tokenizer, capsys):
+    task = LetterTask({"messages": [{"role": "user", "content": f"question {i}? A or B"},
+                                    {"role": "assistant", "content": answer}], "letters": ["A", "B"], "answer": answer}
+                      for i, answer in enumerate("BABBA"))
+    favoured = tokenizer.encode("B")[0]
+
+    def model_preferring_b(batch):
+        logits = torch.zeros(*batch.shape, tokenizer.get_vocab_size())
+        logits[..., favoured] = 1.0
+        return logits
+
+    assert run_categorical_eval(task, tokenizer, model_preferring_b, batch_size=2) == (3, 5)
+    assert "3/5 passed" in capsys.readouterr().err  # the progress line (not a terminal: plain lines)
 
 
 # -----------------------------------------------------------------------------
@@ -176,8 +201,9 @@ def pipeline(tmp_path_factory):
     out = {}
     out["mid"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "3", "--device-batch-size", "2",
                            "--max-seq-len", "64", "--eval-every", "0", "--eval-steps", "1", "--save-every", "2")
-    out["mid_resume"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "4", "--device-batch-size",
-                                  "2", "--max-seq-len", "64", "--eval-every", "0", "--eval-steps", "1", "--resume")
+    out["mid_resume"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "4",
+                                  "--device-batch-size", "2", "--max-seq-len", "64", "--eval-every", "0",
+                                  "--eval-steps", "1", "--resume")
     out["sft"] = run_stage(base_dir, "scripts.chat_sft", *common, "--num-iterations", "2", "--device-batch-size", "2",
                            "--target-examples-per-step", "4", "--eval-every", "0", "--eval-steps", "1",
                            "--eval-metrics-every", "0", "--eval-max-problems", "2", "--eval-max-new-tokens", "8")
