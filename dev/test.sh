@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need, then run them: the Rust crate's unit tests and the Python suite.
+# The suite includes what users run: the smoke profile through `bash speedrun.sh` with its own setup
+# (a plain `pip install -e .` venv in .cache/fresh_install/), the GPU profile rehearsed on CPU with
+# 2 torchrun ranks against a local hub mirror, and a 2-node torchrun rendezvous on loopback.
 #   bash dev/test.sh            # from a fresh clone; safe to rerun (reuses .venv)
 #   bash dev/test.sh -k tokenizer   # extra arguments go to pytest
 set -euo pipefail
