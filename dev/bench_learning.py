@@ -54,12 +54,12 @@ def parse_variant(text):
 
 def variant_argv(flags, eval_tokens):
     """The full base_train argv of a variant (without the horizon) and its tokens per optimizer step."""
-    from scripts.base_train import parse_args
+    from scripts.base_train import build_parser
     argv = CPU_PROFILE + ["--model-tag", MODEL_TAG] + list(flags)
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if "--total-batch-size" not in flags:
         argv += ["--total-batch-size", str(args.device_batch_size * args.max_seq_len)]
-        args = parse_args(argv)
+        args = build_parser().parse_args(argv)
     # evaluate the same number of val tokens for every variant (rounded to whole device batches)
     rows = args.device_batch_size * args.max_seq_len
     argv += ["--eval-tokens", str(max(rows, eval_tokens // rows * rows))]

@@ -92,4 +92,4 @@ def test_seconds_budget_sets_the_steps_from_a_probe_run_of_the_variant(tmp_path,
     assert len(runs) == 2 and runs[0].endswith("--num-iterations 3")   # the probe, then the measured run
     steps = int(runs[1].rsplit(" ", 1)[1])
     out = capsys.readouterr().out
-    assert "budget: 0.3 s of training" in out and "| tiny | `" in out and f"| {steps} | {steps * 64} |" in out
+    assert "budget: 0.3 s of training" in out and "| tiny | `" in out and f"| {steps:,} | {steps * 64:,} |" in out
