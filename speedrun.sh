@@ -13,7 +13,8 @@
 # (gpu|rehearsal|cpu|smoke, default: gpu when nvidia-smi sees a GPU, else cpu), NPROC (GPUs to use, default all;
 # rehearsal: 2 CPU ranks), DEPTH, DEVICE_BATCH_SIZE, VOCAB_SIZE, MAX_SEQ_LEN, NUM_SHARDS (gpu: shards fetched before
 # the tokenizer), BASE_ITERS/MID_ITERS/SFT_ITERS (CPU/smoke profiles), ITERS (rehearsal),
-# SKIP_SETUP=1 (use $PYTHON or python3 instead of creating .venv).
+# SKIP_SETUP=1 (use $PYTHON or python3 instead of creating .venv), UNSAFE_EXECUTION=1 (gpu: let chat_eval run
+# HumanEval's model-written code even where the kernel cannot confine it; by default the doctor stage refuses).
 #
 # Every stage logs to $NANOCHAT_BASE_DIR/logs/<stage>.log as well as the screen. A finished stage leaves a
 # marker in $NANOCHAT_BASE_DIR/speedrun_done/, so rerunning after a failure resumes at the failed stage.
@@ -130,9 +131,17 @@ if [ "$NANOCHAT_PROFILE" = gpu ] || [ "$NANOCHAT_PROFILE" = rehearsal ]; then
     SFT_ARGS=("${SIZE_SFT[@]}")
     EVAL_ARGS=("${SIZE_EVAL[@]}")
     MID_EVAL_ARGS=("${SIZE_EVAL[@]}")
+    # chat_eval's default tasks include HumanEval, which runs model-written code: the doctor stage stops the run
+    # before training when the kernel cannot confine it (UNSAFE_EXECUTION=1 runs it unconfined instead)
+    if [ "${UNSAFE_EXECUTION:-0}" = 1 ]; then
+        DOCTOR_ARGS=(); EVAL_ARGS+=(--unsafe-execution); MID_EVAL_ARGS+=(--unsafe-execution)
+    else
+        DOCTOR_ARGS=(--require-sandbox)
+    fi
     RL_ARGS=("${SIZE_RL[@]}")
 else
     # CPU and smoke: one process, embedded offline corpus, offline tasks, small vocab and model.
+    DOCTOR_ARGS=()
     TORCHRUN=("$PY" -m)
     SEP=()
     if [ "$NANOCHAT_PROFILE" = cpu ]; then
@@ -196,7 +205,8 @@ if [ -n "$DATA_PID" ]; then
 fi
 
 # --- pretraining, midtraining, SFT (and RL), each followed by its evaluation
-run_stage doctor "$PY" -m nanochat.doctor --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
+run_stage doctor "$PY" -m nanochat.doctor --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN" \
+    "${DOCTOR_ARGS[@]}"
 resumable_stage base_train base_checkpoints "${TORCHRUN[@]}" scripts.base_train "${SEP[@]}" "${BASE_ARGS[@]}"
 run_stage base_eval "${TORCHRUN[@]}" scripts.base_eval "${SEP[@]}" "${BASE_EVAL_ARGS[@]}"
 resumable_stage mid_train mid_checkpoints "${TORCHRUN[@]}" scripts.mid_train "${SEP[@]}" "${MID_ARGS[@]}"

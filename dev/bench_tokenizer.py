@@ -98,7 +98,7 @@ def load_documents(text_file, max_chars):
             raise NanochatError(f"{text_file} is empty; pass a file with text in it")
         docs = [p + "\n\n" for p in text.split("\n\n")]
         return docs, f"{text_file} (split into paragraphs)"
-    from nanochat.dataset import collect_embedded_documents
+    from nanochat.corpus import collect_embedded_documents
     base, _ = collect_embedded_documents()
     base_chars = sum(len(d) for d in base)
     docs, total = [], 0

@@ -1,5 +1,5 @@
 """
-Saving, finding, validating and loading checkpoints.
+Saving, finding, validating and loading checkpoints: the module users and scripts import them from.
 
 A checkpoint is self-contained: with one step directory alone a user can chat, evaluate,
 resume or export.
@@ -21,31 +21,31 @@ Every consumer (inference, each stage's --resume, export, doctor) goes through o
 load path, `open_step`: the files are present, their checksums match (NANOCHAT_VERIFY_CHECKSUMS=0
 skips this for very large checkpoints), the safetensors header is readable, the tensor shapes match
 the meta's config and the tokenizer copy matches the meta's fingerprint, all before a real model is
-built. Any failure is one NanochatError naming the file; when a step is bad the error lists the
-steps that pass. Incomplete step directories newer than the one used are reported, never silently skipped.
+built (those checks are in nanochat.checkpoint_integrity). Any failure is one NanochatError naming the
+file; when a step is bad the error lists the steps that pass. Incomplete step directories newer than the one
+used are reported, never silently skipped. What a resumed run carries over besides weights and optimizer
+state (RNG state, its own arguments) is nanochat.run_state's.
 """
 
-import argparse
 import glob
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import sys
 
-from nanochat.common import NanochatError, _fsync_dir, atomic_write_json, get_base_dir, print0
+# the checks of a step directory (VERIFY_ENV and COMPLETE_MARKER are part of this module's surface too)
+from nanochat.checkpoint_integrity import (COMPLETE_MARKER, META, VERIFY_ENV, WEIGHTS, file_checksum,
+                                           make_config, missing_optimizer_message, step_files, tell,
+                                           validate_checkpoint, verify_checksums, verify_enabled, verify_meta_checksum)
+from nanochat.common import NanochatError, _fsync_dir, atomic_write_json, get_base_dir
+# what a resumed run carries over; the stage scripts import it from here with the rest
+from nanochat.run_state import (capture_rng_state, continue_run_args, parse_args_noting_explicit,
+                                restore_rng_state)
 
 # source name (as the stage scripts call it) -> checkpoint folder, and the stage that writes it
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 
-COMPLETE_MARKER = "COMPLETE"
-WEIGHTS = "model.safetensors"
-META = "meta.json"
-VERIFY_ENV = "NANOCHAT_VERIFY_CHECKSUMS"  # "0": skip checksum verification (very large checkpoints)
-_CHANGED = "its sha256 differs from the one recorded at save time"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -67,74 +67,6 @@ def checkpoints_root(source):
     if source not in STAGE_DIRS:
         raise NanochatError(f"unknown checkpoint source {source!r}; use one of {', '.join(STAGE_DIRS)}")
     return os.path.join(get_base_dir(), STAGE_DIRS[source])
-
-
-def _tell(line):
-    """A line on stderr (rank 0 only), for things the user should know that do not stop the run; stderr keeps
-    the stdout of chat_cli -p and friends clean."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(line, file=sys.stderr, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# Checksums: sha256 (hardware-accelerated on current CPUs; ~1 GB/s, see dev/BENCHMARKS.md)
-
-def file_checksum(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def _step_files(step_dir):
-    """Relative paths of every file in a step directory except meta.json and COMPLETE (which carry the checksums)."""
-    out = []
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), step_dir)
-            if rel not in (META, COMPLETE_MARKER):
-                out.append(rel)
-    return sorted(out)
-
-
-def verify_enabled(verify=None):
-    """verify=None: on unless NANOCHAT_VERIFY_CHECKSUMS=0."""
-    if verify is not None:
-        return verify
-    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-# -----------------------------------------------------------------------------
-# RNG state as plain JSON (so it fits in meta.json)
-
-def capture_rng_state():
-    import base64
-    import numpy as np
-    import torch
-    np_state = np.random.get_state()
-    state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
-        "torch_cuda": None,
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode("ascii")
-    return state
-
-
-def restore_rng_state(state):
-    import base64
-    import numpy as np
-    import torch
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
-    if state.get("torch_cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cuda"])), dtype=torch.uint8))
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +150,7 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, t
         meta.setdefault("vocab_size", tokenizer.get_vocab_size())
         import torch.distributed as dist
         meta["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        meta["checksums"] = {rel: file_checksum(os.path.join(tmp_dir, rel)) for rel in _step_files(tmp_dir)}
+        meta["checksums"] = {rel: file_checksum(os.path.join(tmp_dir, rel)) for rel in step_files(tmp_dir)}
         atomic_write_json(os.path.join(tmp_dir, META), meta)
         _fsync_tree(tmp_dir)
         with open(os.path.join(tmp_dir, COMPLETE_MARKER), "w") as f:
@@ -296,7 +228,7 @@ def choose_step(checkpoint_dir, step=None):
         step = find_last_step(checkpoint_dir)
         newer = [s for s in incomplete_steps(checkpoint_dir) if s > step]
         for s in newer:
-            _tell(f"warning: {os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker "
+            tell(f"warning: {os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker "
                   f"(an interrupted save or copy) and is skipped; using step {step}. Delete it, or finish copying it")
     return step
 
@@ -335,109 +267,12 @@ def read_meta(checkpoint_dir, step, verify=None):
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise NanochatError(f"checkpoint meta is corrupt (no model_config): {path}")
     if verify_enabled(verify):
-        with open(os.path.join(step_dir, COMPLETE_MARKER), encoding="utf-8", errors="replace") as f:
-            recorded = dict(line.split(" ", 1) for line in f.read().splitlines() if " " in line).get(META)
-        if recorded is not None and recorded.strip() != file_checksum(path):
-            raise NanochatError(f"checkpoint meta is corrupt ({_CHANGED}): {path}")
+        verify_meta_checksum(step_dir)
     return meta
 
 
 # -----------------------------------------------------------------------------
-# Validation: everything is compared before a real model is built or any compute runs
-
-def expected_shapes(config):
-    """Parameter/buffer shapes a GPT with this config has, from a model on the meta device (no memory, no compute)."""
-    import torch
-    from nanochat.gpt import GPT
-    with torch.device("meta"):
-        model = GPT(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def checkpoint_shapes(path):
-    """Tensor shapes from a safetensors header, without reading the data."""
-    from safetensors import safe_open
-    shapes = {}
-    try:
-        with safe_open(path, framework="pt") as f:
-            for k in f.keys():
-                shapes[k] = tuple(f.get_slice(k).get_shape())
-    except FileNotFoundError:
-        raise NanochatError(f"checkpoint weights missing: {path}") from None
-    except Exception as e:
-        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): "
-                            f"{path}") from None
-    return shapes
-
-
-def make_config(meta, step_dir="?"):
-    from nanochat.gpt import GPTConfig
-    try:
-        return GPTConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise NanochatError(f"checkpoint meta has an unusable model_config ({e}): {step_dir}/meta.json") from None
-
-
-def validate_checkpoint(step_dir, meta, tokenizer, config):
-    """Raise NanochatError naming both sides if tokenizer, vocab size or tensor shapes disagree."""
-    meta_path = os.path.join(step_dir, META)
-    tok_path = os.path.join(step_dir, "tokenizer")
-    fp_meta = meta.get("tokenizer_fingerprint")
-    if fp_meta != tokenizer.fingerprint:
-        raise NanochatError(
-            f"tokenizer fingerprint mismatch: checkpoint meta {meta_path} says {str(fp_meta)[:16]} but the tokenizer "
-            f"{getattr(tokenizer, 'source_dir', tok_path)} is {tokenizer.fingerprint[:16]}; use the tokenizer the model was trained with")
-    vocab_tok = tokenizer.get_vocab_size()
-    if config.vocab_size != vocab_tok:
-        raise NanochatError(
-            f"vocab size mismatch: model config in {meta_path} has vocab_size {config.vocab_size} but the tokenizer "
-            f"{tok_path} has {vocab_tok} ids; the model must be built (or extended) for this tokenizer")
-    if "vocab_size" in meta and meta["vocab_size"] != vocab_tok:
-        raise NanochatError(f"vocab size mismatch: meta {meta_path} records vocab_size {meta['vocab_size']} but the tokenizer {tok_path} has {vocab_tok}")
-    weights = os.path.join(step_dir, WEIGHTS)
-    have = checkpoint_shapes(weights)
-    for alias, src in (meta.get("tied_weights") or {}).items():
-        if src in have:
-            have[alias] = have[src]
-    want = expected_shapes(config)
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    if missing or extra:
-        raise NanochatError(
-            f"checkpoint tensors do not match the config in {meta_path}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-            f"unexpected {extra[:5]}{'…' if len(extra) > 5 else ''} in {weights}")
-    for k in sorted(want):
-        if want[k] != have[k]:
-            raise NanochatError(f"tensor shape mismatch for {k}: {weights} has {list(have[k])} but the config in {meta_path} needs {list(want[k])}")
-
-
-_unverified_noted = set()
-
-
-def verify_checksums(step_dir, meta, files=None):
-    """Compare the listed files (default: every file the meta records) with the checksums taken at save time.
-    A checkpoint saved before checksums were recorded is accepted, with a note (once per directory)."""
-    recorded = meta.get("checksums")
-    if not isinstance(recorded, dict):
-        if step_dir not in _unverified_noted:
-            _unverified_noted.add(step_dir)
-            _tell(f"note: {step_dir} was saved before checkpoints recorded checksums; its files are checked for "
-                  f"presence, readability and shapes only")
-        return
-    for rel in (files if files is not None else sorted(recorded)):
-        if rel not in recorded:
-            continue  # a file this step never had (e.g. no optimizer state); presence is checked by the caller
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            raise NanochatError(f"checkpoint file missing: {path}")
-        if file_checksum(path) != recorded[rel]:
-            raise NanochatError(f"checkpoint file is corrupt ({_CHANGED}): {path}")
-
-
-def _missing_optimizer(path, meta):
-    return (f"optimizer state missing: {path} (the checkpoint was saved by {meta.get('world_size', '?')} "
-            f"process(es); resume with the same number)")
-
+# Opening a step: the one validated path (the checks themselves are in nanochat.checkpoint_integrity)
 
 class CheckpointStep:
     """One validated step directory: its meta, its tokenizer copy and its model config."""
@@ -468,7 +303,7 @@ def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=
         path = os.path.join(step_dir, name)
         if not os.path.exists(path):
             if name.startswith("optim_rank"):
-                raise NanochatError(_missing_optimizer(path, meta))
+                raise NanochatError(missing_optimizer_message(path, meta))
             raise NanochatError(f"checkpoint file missing: {path}")
     tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer"))
     config = make_config(meta, step_dir)
@@ -535,7 +370,7 @@ def load_optimizer_states(ckpt, rank=0, device="cpu", mmap=False):
     import torch
     path = ckpt.path(optimizer_filename(rank))
     if not os.path.exists(path):
-        raise NanochatError(_missing_optimizer(path, ckpt.meta))
+        raise NanochatError(missing_optimizer_message(path, ckpt.meta))
     try:
         states = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
     except Exception as e:
@@ -615,52 +450,9 @@ def load_model(source, device=None, phase="eval", model_tag=None, step=None, ver
     return build_model(tag_dir(source, model_tag), step, device, phase, verify)
 
 
+
 # -----------------------------------------------------------------------------
-# Resuming: continue the run that was saved, with its own arguments
-
-def parse_args_noting_explicit(parser, argv=None):
-    """(args, names of the flags given on the command line). argparse fills in a default only for a name the
-    namespace does not have yet, so parsing into one pre-filled with a sentinel leaves the flags not given at it."""
-    defaults = vars(parser.parse_args([]))
-    unset = object()
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in defaults}))
-    explicit = {k for k, v in vars(probe).items() if v is not unset}
-    return argparse.Namespace(**{k: (defaults[k] if v is unset else v) for k, v in vars(probe).items()}), explicit
-
-
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def continue_run_args(args, explicit, meta, where, may_change=(), runtime=()):
-    """The arguments of a resumed run: the run's own (the checkpoint meta's train_args), except `runtime` flags
-    (always this invocation's: device, tags, ...) and the `may_change` flags the user gave (applied and logged).
-    Any other flag given with a value different from the run's would silently change the run: it is refused
-    unless args.override_args."""
-    saved = meta.get("train_args")
-    if not isinstance(saved, dict) or not saved:
-        print0(f"note: {where} records no training arguments (an older checkpoint); the flags are used as given")
-        return args
-    merged = dict(vars(args))
-    override = getattr(args, "override_args", False)
-    changed, refused = [], []
-    for key, run_value in saved.items():
-        if key not in merged or key in runtime:
-            continue
-        if key not in explicit or merged[key] == run_value:
-            merged[key] = run_value
-        elif key in may_change or override:
-            changed.append(f"{_flag(key)} {run_value} -> {merged[key]}")
-        else:
-            refused.append(f"{_flag(key)} {merged[key]} (the run used {run_value})")
-    if refused:
-        raise NanochatError(f"--resume continues the run saved in {where}, but {', '.join(refused)} would change it; "
-                            f"drop {'that flag' if len(refused) == 1 else 'those flags'}, "
-                            f"or add --override-args to change the run")
-    print0(f"resume: continuing the run saved in {where} with its own arguments"
-           + (f"; changed: {', '.join(changed)}" if changed else ""))
-    return argparse.Namespace(**merged)
-
+# Resuming a post-training stage: its own checkpoint, or the source stage's when it starts fresh
 
 def resume_dir(stage, tag=None):
     """Where `--resume` of a post-training stage continues: <stage's folder>/<tag or the newest tag>."""

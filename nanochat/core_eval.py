@@ -68,7 +68,8 @@ def ensure_eval_bundle(url=None, base_dir=None, retries=4, backoff=1.0, timeout=
                 return bundle_dir
             archive = os.path.join(base_dir, ".eval_bundle.zip")
             download_file(url, archive, check=_check_zip, retries=retries, backoff=backoff, timeout=timeout,
-                          hint="check --eval-bundle-url / NANOCHAT_EVAL_BUNDLE_URL, or pass --skip-core")
+                          hint="check --eval-bundle-url / NANOCHAT_EVAL_BUNDLE_URL, or pass --skip-core",
+                          show_progress=True)
             work = tempfile.mkdtemp(prefix=".eval_bundle.", dir=base_dir)
             try:
                 extracted = os.path.join(work, "x")

@@ -313,9 +313,9 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", ran
 def pretokenized_distributed_data_loader(pretok_dir, tokenizer, model_vocab_size, B, T, split, device="cpu", rank=0,
                                          world_size=1, resume_state=None, buffer_docs=256, block_tokens=1 << 20):
     """Pre-tokenized mode: refuses shards written by another tokenizer (fingerprint) and ids >= model_vocab_size
-    (both checked by dataset.load_pretokenized before any data is used)."""
-    from nanochat import dataset
-    arrays = dataset.load_pretokenized(pretok_dir, tokenizer.fingerprint, model_vocab_size, split=split)
+    (both checked by pretokenized.load_pretokenized before any data is used)."""
+    from nanochat import pretokenized
+    arrays = pretokenized.load_pretokenized(pretok_dir, tokenizer.fingerprint, model_vocab_size, split=split)
     source = PretokenizedSource(arrays, tokenizer.get_bos_token_id(), rank, world_size, tokenizer.fingerprint,
                                 block_tokens=block_tokens)
     return DistributedDataLoader(source, B, T, device=device, buffer_docs=buffer_docs, resume_state=resume_state)

@@ -95,7 +95,7 @@ def open_checkpoint_fully(checkpoint_dir, step=None, verify=None):
 
 def pretokenized_problems(pretok_dir, fingerprint, tokenizer_desc, model_vocab_size):
     """Pre-tokenized shards against a tokenizer fingerprint and the model's vocab."""
-    from nanochat.dataset import PRETOK_META
+    from nanochat.pretokenized import PRETOK_META
     meta_path = os.path.join(pretok_dir, PRETOK_META)
     if not os.path.exists(meta_path):
         return [f"no pre-tokenized shards in {pretok_dir}; run `python -m nanochat.dataset --pretokenize`"]
@@ -234,13 +234,13 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
         checks.run("freeze index", freeze)
 
     # --- data: parquet shards
-    from nanochat import dataset
+    from nanochat import dataset, pretokenized, shard_download
     data_dir = os.path.abspath(data_dir or dataset.default_data_dir())
 
     def shards():
         files = dataset.list_parquet_files(data_dir)
         for path in files:
-            dataset.check_parquet_shard(path)
+            shard_download.check_parquet_shard(path)
         return OK, f"{len(files)} readable parquet shards in {data_dir} (last = validation)"
     if os.path.isdir(data_dir):
         checks.run("text shards", shards)
@@ -249,10 +249,10 @@ def check_all(tokenizer_dir=None, checkpoint=None, data_dir=None, pretok_dir=Non
 
     # --- data: pre-tokenized shards (fingerprint and id range vs the tokenizer / model)
     if pretok_dir is None and tokenizer is not None:
-        pretok_dir = dataset.pretokenized_dir(tokenizer.fingerprint)
-    if pretok_dir and os.path.isfile(os.path.join(pretok_dir, dataset.PRETOK_META)):
+        pretok_dir = pretokenized.pretokenized_dir(tokenizer.fingerprint)
+    if pretok_dir and os.path.isfile(os.path.join(pretok_dir, pretokenized.PRETOK_META)):
         def pretok():
-            pmeta = read_json(os.path.join(pretok_dir, dataset.PRETOK_META), "pre-tokenized shard metadata")
+            pmeta = read_json(os.path.join(pretok_dir, pretokenized.PRETOK_META), "pre-tokenized shard metadata")
             vocab = config.vocab_size if config is not None else (tokenizer.get_vocab_size() if tokenizer else None)
             ref = ckpt_tok or tokenizer
             if ref is not None:
@@ -307,6 +307,17 @@ def _device_memory():
         return None, "unknown"
 
 
+def sandbox_row(require_confinement):
+    """Whether model-written code (HumanEval in chat_eval) can run here: the kernel must confine it. A run
+    that will evaluate HumanEval asks with require_confinement, so it stops now rather than hours later."""
+    from nanochat.sandbox import describe, sandbox_capabilities
+    capabilities = sandbox_capabilities()
+    if capabilities["confined"]:
+        return OK, describe(capabilities)
+    consequence = "chat_eval will refuse HumanEval (fix the kernel setup, or pass --unsafe-execution to chat_eval)"
+    return (FAIL if require_confinement else WARN), f"{describe(capabilities)}; {consequence}"
+
+
 def format_table(rows):
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -336,11 +347,14 @@ def main(argv=None):
     parser.add_argument("--device-batch-size", type=int, default=None)
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--no-verify", action="store_true", help="skip checkpoint checksums (very large checkpoints)")
+    parser.add_argument("--require-sandbox", action="store_true",
+                        help="a MISMATCH (not a warning) when the kernel cannot confine model-written code")
     args = parser.parse_args(argv)
     checks = check_all(tokenizer_dir=args.tokenizer, checkpoint=args.checkpoint, data_dir=args.data,
                        pretok_dir=args.pretokenized, freeze_until_index=args.freeze_until_index,
                        depth=args.depth, device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len,
                        verify=False if args.no_verify else None)
+    checks.add("sandbox", *sandbox_row(args.require_sandbox))
     print(format_table(checks.rows))
     if checks.failed:
         print("doctor: mismatches found (see MISMATCH rows)")

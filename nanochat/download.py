@@ -3,6 +3,7 @@ One small resumable downloader for plain URLs (the CORE eval bundle, a `--base-u
 Hub-hosted data (FineWeb shards, the task datasets) goes through huggingface_hub instead.
 
     download_file(url, dest, check=is_zip)   # -> dest, or NanochatError saying what to do
+    download_file(url, dest, show_progress=True)   # with a bar of the bytes (nanochat.progress)
 
 Unfinished bytes live in `<dest>.partial` and continue with an HTTP Range request on the next try
 (or the next run); a server that ignores Range sends the whole file again. Failures are retried with
@@ -12,11 +13,13 @@ exponential backoff; a 4xx (other than 408/429) fails at once. `dest` only ever 
 
 import http.client
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
 
 from nanochat.common import NanochatError
+from nanochat.progress import progress
 
 
 class RetryableError(Exception):
@@ -27,9 +30,10 @@ class DownloadStopped(BaseException):
     """Raised inside a worker after Ctrl-C, so it stops between chunks (its .partial stays for resume)."""
 
 
-def fetch_to_partial(url, partial, timeout, on_bytes=None, stop=None, hint="check the URL"):
+def fetch_to_partial(url, partial, timeout, on_bytes=None, stop=None, hint="check the URL", on_start=None):
     """Fetch `url` into `partial`, continuing from its current size with an HTTP Range request.
-    A server that ignores Range (200 instead of 206) gets the file from the start."""
+    A server that ignores Range (200 instead of 206) gets the file from the start.
+    on_start(bytes already on disk, the whole file's size or None) is called once the server has answered."""
     offset = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
@@ -53,6 +57,8 @@ def fetch_to_partial(url, partial, timeout, on_bytes=None, stop=None, hint="chec
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length is not None else None
         written = offset
+        if on_start is not None:
+            on_start(offset, expected)
         try:
             with open(partial, mode) as f:
                 while True:
@@ -75,9 +81,27 @@ def fetch_to_partial(url, partial, timeout, on_bytes=None, stop=None, hint="chec
 
 
 def download_file(url, dest, check=None, retries=5, backoff=2.0, timeout=60.0, on_bytes=None, stop=None,
-                  hint="check the URL"):
+                  hint="check the URL", show_progress=False):
     """Download `url` to `dest` (resuming `<dest>.partial`), retried; returns dest or raises NanochatError.
-    `hint` ends the message of a 4xx answer (what to check)."""
+    `hint` ends the message of a 4xx answer (what to check). show_progress: a progress bar of the bytes
+    (size, rate, ETA); callers that fetch many files at once draw their own from on_bytes instead."""
+    name = os.path.basename(dest)
+    if not show_progress:
+        return _download(url, dest, check, retries, backoff, timeout, on_bytes, stop, hint)
+    # on stdout with the command's other output: stderr holds nothing but a failure's one-line error
+    with progress(desc=f"downloading {name}", unit="B", unit_scale=True, stream=sys.stdout) as bar:
+        def started(offset, size):  # each attempt: the bar starts at the bytes already on disk
+            bar.reset(total=size)
+            bar.update(offset)
+
+        def received(n):
+            bar.update(n)
+            if on_bytes is not None:
+                on_bytes(n)
+        return _download(url, dest, check, retries, backoff, timeout, received, stop, hint, started)
+
+
+def _download(url, dest, check, retries, backoff, timeout, on_bytes, stop, hint, on_start=None):
     partial = dest + ".partial"
     name = os.path.basename(dest)
     last_error = None
@@ -89,7 +113,7 @@ def download_file(url, dest, check=None, retries=5, backoff=2.0, timeout=60.0, o
             elif stop.wait(delay):
                 raise DownloadStopped()
         try:
-            fetch_to_partial(url, partial, timeout, on_bytes, stop, hint)
+            fetch_to_partial(url, partial, timeout, on_bytes, stop, hint, on_start)
             if check is not None:
                 try:
                     check(partial)

@@ -393,7 +393,7 @@ def main(argv=None):
         config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
     pretok_dir = None
     if args.data == "pretokenized":
-        from nanochat.dataset import pretokenized_dir
+        from nanochat.pretokenized import pretokenized_dir
         pretok_dir = os.path.abspath(args.pretok_dir or pretokenized_dir(tokenizer.fingerprint))
     resume_dir, resume_meta = (resume.dir, resume.meta) if resume is not None else (None, None)
     problems = preflight_problems(tokenizer, tokenizer_dir, config.vocab_size, resume_dir, resume_meta, pretok_dir)

@@ -19,15 +19,16 @@ Run:
 original vocab size if the tokenizer was extended, else nothing; 0 turns it off).
 """
 
-import contextlib
 import time
 
-import torch
-
-from nanochat.checkpoint_manager import parse_args_noting_explicit, resumed_run_args
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
-from scripts.chat_sft import all_reduce_mean, check_task_tokens_fit, gather_rank_states
+from nanochat.conversation_loader import PackedConversations
+from nanochat.post_training import (accumulate_gradients, add_freeze_flag, add_optimizer_flags, add_run_flags,
+                                    add_source_flags, autocast_for, build_optimizers, check_task_tokens_fit,
+                                    eta_seconds, load_stage_model, log_loss_curves, lr_multiplier,
+                                    parse_stage_args, periodic_save_due, rank_loader_state, restore_rng,
+                                    save_stage_checkpoint, step_optimizers, validation_loss)
 
 
 SECTION = "Midtraining"  # the report card section
@@ -64,102 +65,33 @@ def build_val_tasks(offline):
                         GSM8K(subset="main", split="test", stop=420)])
 
 
-class PackedConversations:
-    """This rank's conversations (indices rank, rank+world, ...) rendered and concatenated into a
-    token stream, served as (B, T) inputs/targets from rows of T+1 tokens. Wraps around at the end
-    (epoch += 1). The state (cursor, epoch, the leftover tokens) resumes exactly."""
-
-    def __init__(self, dataset, tokenizer, B, T, rank=0, world_size=1, state=None):
-        if len(dataset) < world_size:
-            raise NanochatError(f"the dataset has {len(dataset)} conversations, fewer than {world_size} ranks")
-        self.dataset, self.tokenizer, self.B, self.T = dataset, tokenizer, B, T
-        self.rank, self.world_size = rank, world_size
-        self.cursor = state["cursor"] if state else rank
-        self.epoch = state["epoch"] if state else 0
-        self.buffer = list(state["buffer"]) if state else []
-
-    def state(self):
-        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": list(self.buffer)}
-
-    def progress(self):
-        """Epochs consumed so far, fractional."""
-        return self.epoch + self.cursor / len(self.dataset)
-
-    def next_batch(self, device):
-        need = self.B * (self.T + 1)
-        while len(self.buffer) < need:
-            if self.cursor >= len(self.dataset):
-                self.cursor = self.rank
-                self.epoch += 1
-            # cap each conversation at one row so a single long one cannot dominate a batch
-            ids, _ = self.tokenizer.render_conversation(self.dataset[self.cursor], max_tokens=self.T + 1)
-            self.buffer.extend(ids)
-            self.cursor += self.world_size
-        rows = torch.tensor(self.buffer[:need], dtype=torch.long).view(self.B, self.T + 1)
-        del self.buffer[:need]
-        rows = rows.to(device)
-        return rows[:, :-1], rows[:, 1:]
-
-
-def lr_multiplier(progress, warmdown_ratio):
-    """1.0, then linearly down to 0 over the last `warmdown_ratio` of training (progress in [0, 1])."""
-    if warmdown_ratio <= 0 or progress < 1.0 - warmdown_ratio:
-        return 1.0
-    return max(0.0, (1.0 - progress) / warmdown_ratio)
-
-
 # -----------------------------------------------------------------------------
 
-# --resume continues the run with its own arguments (from its checkpoint meta). The first set may change on
-# resume (applied and logged); the second is always this invocation's; any other flag given with a different
-# value would silently change the run and is refused unless --override-args.
+# flags that --resume may change (applied and logged); see nanochat.post_training.parse_stage_args
 RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "eval_steps", "save_every"}
-RESUME_RUNTIME = {"source", "model_tag", "step", "output_tag", "device", "resume", "resume_step", "override_args",
-                  "run"}
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Midtraining: conversation format, tool use and multiple choice.")
-    parser.add_argument("-i", "--source", default="base", choices=["base"], help="checkpoint family to start from")
-    parser.add_argument("-g", "--model-tag", default=None, help="tag of the base checkpoint (default: the newest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="step of the base checkpoint (default: the last)")
-    parser.add_argument("--output-tag", default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--offline", action="store_true", help="train on the offline tasks (no network)")
-    parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+    add_source_flags(parser, "base", ["base"])
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="row length T (default: the model's sequence_len)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="row length T (default: the model's sequence_len)")
     parser.add_argument("--total-batch-size", type=int, default=None,
-                        help="tokens per optimizer step, all ranks (default: one row batch per rank, no accumulation)")
-    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs over the mixture)")
+                        help="tokens per optimizer step, all ranks "
+                             "(default: one row batch per rank, no accumulation)")
+    parser.add_argument("--num-iterations", type=int, default=-1,
+                        help="optimizer steps (-1: --num-epochs over the mixture)")
     parser.add_argument("--num-epochs", type=float, default=1.0)
-    parser.add_argument("--unembedding-lr", type=float, default=0.004)
-    parser.add_argument("--embedding-lr", type=float, default=0.2)
-    parser.add_argument("--matrix-lr", type=float, default=0.02)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--init-lr-frac", type=float, default=1.0, help="scale the base learning rates")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of training with a linear decay to 0")
-    parser.add_argument("--eval-every", type=int, default=150, help="validation loss every N steps (0: only at the end)")
+    add_optimizer_flags(parser, init_lr_frac=1.0, init_lr_help="scale the base learning rates")
+    parser.add_argument("--warmdown-ratio", type=float, default=0.2,
+                        help="fraction of training with a linear decay to 0")
+    parser.add_argument("--eval-every", type=int, default=150,
+                        help="validation loss every N steps (0: only at the end)")
     parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per eval")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--freeze-until-index", type=int, default=None,
-                        help="keep embedding/output rows < N unchanged (default: original vocab of an extended tokenizer)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the newest complete mid checkpoint with its own arguments")
-    parser.add_argument("--resume-step", type=int, default=None,
-                        help="with --resume: this complete step (default: the newest)")
-    parser.add_argument("--override-args", action="store_true",
-                        help="with --resume: let flags change the run's own arguments")
-    parser.add_argument("--run", default=None, help="wandb run name (off by default)")
-    parser.add_argument("--seed", type=int, default=42)
-    args, explicit = parse_args_noting_explicit(parser, argv)
-    if args.resume:
-        args = resumed_run_args("mid", args, explicit, RESUME_MAY_CHANGE, RESUME_RUNTIME)
-    elif args.resume_step is not None or args.override_args:
-        raise NanochatError("--resume-step and --override-args only apply with --resume")
-    if args.device_batch_size < 1 or args.eval_steps < 1:
-        raise NanochatError("--device-batch-size and --eval-steps must be >= 1")
-    if args.num_iterations == 0 or args.num_epochs <= 0:
-        raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
+    add_freeze_flag(parser)
+    add_run_flags(parser, "mid")
+    args = parse_stage_args(parser, argv, "mid", RESUME_MAY_CHANGE, positive=("device_batch_size", "eval_steps"))
     if not 0 <= args.warmdown_ratio <= 1:
         raise NanochatError("--warmdown-ratio must be between 0 and 1")
     return args
@@ -170,17 +102,13 @@ def main(argv=None):
 
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
-    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint, start_or_resume
     from nanochat.freeze import FrozenRows, resolve_freeze_index
-    autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = autocast_for(device)
     wandb_run = init_wandb(args.run, "nanochat-mid", vars(args))
 
     # --- model: the base checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
-    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
-        "mid", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag, args.resume_step)
-    if resume_state is not None:
-        print0(f"resuming midtraining from {checkpoint_dir} step {start_step}")
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = load_stage_model(
+        "mid", args, device, rank, "midtraining")
     config = model.config
     vocab_size = tokenizer.get_vocab_size()
     freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)  # bad index: error before any work
@@ -199,13 +127,8 @@ def main(argv=None):
         raise NanochatError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x T x ranks "
                             f"= {tokens_per_micro}")
     grad_accum_steps = total_batch_size // tokens_per_micro
-    loader_state = None
-    if resume_state is not None:
-        states = (resume_state.get("dataloader_state") or {}).get("ranks")
-        if not states or len(states) != world_size:
-            raise NanochatError(f"--resume: the checkpoint was saved with {len(states or [])} ranks; resume with the same number")
-        loader_state = states[rank]
-    train_loader = PackedConversations(train_ds, tokenizer, B, T, rank, world_size, loader_state)
+    train_loader = PackedConversations(train_ds, tokenizer, B, T, rank, world_size,
+                                       rank_loader_state(resume_state, rank, world_size))
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     else:
@@ -218,43 +141,14 @@ def main(argv=None):
            f"({grad_accum_steps} accumulation steps), validation on {len(val_ds):,}")
 
     # --- optimizers: as base training
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
-    if resume_state is not None:
-        for opt, state in zip(optimizers, optimizer_states):
-            opt.load_state_dict(state)
+    optimizers = build_optimizers(model, args, optimizer_states)
     frozen = FrozenRows(model, freeze_index, vocab_size)
     print0(f"freeze: {frozen.describe()}")
-
-    def evaluate_val_loss():
-        model.eval()
-        val_loader = PackedConversations(val_ds, tokenizer, B, T, rank, world_size)
-        losses = []
-        with torch.no_grad():
-            for _ in range(args.eval_steps):
-                inputs, targets = val_loader.next_batch(device)
-                with autocast:
-                    losses.append(model(inputs, targets).item())
-        model.train()
-        return all_reduce_mean(sum(losses) / len(losses), device)
+    restore_rng(resume_state)
 
     def save(step, metrics):
-        meta_out = {
-            "model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "vocab_size": vocab_size, "train_args": vars(args), "metrics": metrics, "stage": "mid",
-            "dataloader_state": {"ranks": gather_rank_states(train_loader.state())},
-            "rng": capture_rng_state(), "freeze_until_index": freeze_index,
-        }
-        path = save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
-                               meta_out, tokenizer, rank=rank)
-        print0(f"saved {path}")
-
-    if resume_state is not None and resume_state.get("rng"):
-        from nanochat.checkpoint_manager import restore_rng_state
-        restore_rng_state(resume_state["rng"])
+        save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, rank, "mid", args, metrics,
+                              train_loader.state(), freeze_until_index=freeze_index)
 
     # --- training loop
     metrics = dict(resume_state.get("metrics", {})) if resume_state else {}
@@ -265,7 +159,8 @@ def main(argv=None):
     while True:
         last_step = step == num_iterations
         if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
-            metrics["val_loss"] = evaluate_val_loss()
+            val_loader = PackedConversations(val_ds, tokenizer, B, T, rank, world_size)
+            metrics["val_loss"] = validation_loss(model, val_loader, args.eval_steps, device, autocast)
             print0(f"step {step:05d} | val loss {metrics['val_loss']:.4f}")
             val_curve.append((step, metrics["val_loss"]))
             wandb_run.log({"step": step, "val_loss": metrics["val_loss"]})
@@ -273,28 +168,18 @@ def main(argv=None):
             break
 
         t0 = time.time()
-        for _ in range(grad_accum_steps):
-            inputs, targets = train_loader.next_batch(device)
-            with autocast:
-                loss = model(inputs, targets)
-            (loss / grad_accum_steps).backward()
-            train_loss = loss.item()
+        train_loss, _ = accumulate_gradients(model, train_loader, grad_accum_steps, device, autocast)
         lrm = lr_multiplier(step / num_iterations, args.warmdown_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        step_optimizers(model, optimizers, lrm)
         frozen.restore()
         step += 1
         train_curve.append((step, train_loss))
         dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start_step) * (num_iterations - step)
+        eta = eta_seconds(t_start, start_step, step, num_iterations)
         print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"{total_batch_size / dt:,.0f} tok/s | epoch {train_loader.progress():.2f} | eta {format_duration(eta)}")
         wandb_run.log({"step": step, "train_loss": train_loss, "lrm": lrm})
-        if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+        if periodic_save_due(step, args.save_every, num_iterations):
             save(step, dict(metrics, train_loss=train_loss))
 
     # --- save and report
@@ -304,11 +189,8 @@ def main(argv=None):
         assert frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
     if rank == 0:
         from nanochat.report import get_report
-        report = get_report()
-        for label, curve in (("train", train_curve), ("val", val_curve)):
-            if curve:
-                report.log_series(f"mid: {label}", [s for s, _ in curve], [v for _, v in curve], section=SECTION)
-        report.log(section=SECTION, data=[
+        log_loss_curves("mid", SECTION, train_curve, val_curve)
+        get_report().log(section=SECTION, data=[
             {k: v for k, v in vars(args).items()},
             {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
              "Tokens per step": total_batch_size, "Frozen rows": freeze_index,

@@ -16,11 +16,13 @@ normalises it needs --allow-lossy.
 """
 
 import os
+import sys
 import time
 
 from nanochat.checkpoint_manager import checkpoints_trained_with
 from nanochat.common import ArgumentParser, NanochatError, format_duration, get_base_dir, read_json, run_main
 from nanochat.hf_tokenizer import HFTokenizer
+from nanochat.progress import progress
 from nanochat.tokenizer import MANIFEST, SPECIAL_TOKENS, CharTokenizer, RustBPETokenizer
 
 # Round-trip sample for an imported tokenizer (beside the first documents of the train shards, if there are any)
@@ -44,8 +46,9 @@ def parse_args(argv=None):
 
 
 class CountingIterator:
-    """Wraps the document stream to count (and print, every 100M characters) what the trainer consumed."""
-    report_every = 100_000_000
+    """Wraps the document stream to count what the trainer consumed, with a progress bar of the characters read
+    (count and rate: how much of the corpus --max-chars leaves is not known before it is read). On stdout:
+    stderr is kept for a failure's one-line error."""
 
     def __init__(self, documents):
         self.documents = documents
@@ -53,14 +56,13 @@ class CountingIterator:
         self.num_chars = 0
 
     def __iter__(self):
-        next_report = self.report_every
-        for text in self.documents:
-            self.num_docs += 1
-            self.num_chars += len(text)
-            if self.num_chars >= next_report:
-                print(f"  read {self.num_docs:,} documents, {self.num_chars:,} characters", flush=True)
-                next_report += self.report_every
-            yield text
+        with progress(desc="reading documents", unit="char", unit_scale=True,
+                      stream=sys.stdout) as bar:
+            for text in self.documents:
+                self.num_docs += 1
+                self.num_chars += len(text)
+                bar.update(len(text))
+                yield text
 
 
 def training_documents(args):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat import dataset
+from nanochat import dataset, pretokenized
 from nanochat.common import NanochatError
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import AdamW, Muon
@@ -151,7 +151,7 @@ def test_seed_scenario_887_vocab_model_with_2535_tokenizer_and_foreign_data_fail
     tok_b.save(str(base / "tokenizer"))
     # pre-tokenized data from a third tokenizer C
     tok_c = CharTokenizer.train_from_iterator(dataset.iter_documents("train"))
-    pretok = dataset.pretokenize(tok_c, out_dir=str(base / "pretok_c"))
+    pretok = pretokenized.pretokenize(tok_c, out_dir=str(base / "pretok_c"))
     calls = forbid_forward(monkeypatch)
     with pytest.raises(NanochatError) as e:
         base_train.main(TINY + ["--num-iterations", "2", "--resume", "--data", "pretokenized", "--pretok-dir", pretok])

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from nanochat import core_eval
 from nanochat.common import NanochatError
@@ -64,9 +65,13 @@ def bundle_zip():
     return buf.getvalue()
 
 
-def test_bundle_is_downloaded_with_retries_resumed_after_a_drop_and_extracted(tmp_path):
+def test_bundle_is_downloaded_with_retries_resumed_after_a_drop_and_extracted(tmp_path, capsys):
     with FlakyFileServer({"eval_bundle.zip": bundle_zip()}, faults={"eval_bundle.zip": ["500", "truncate", "drop"]}) as srv:
         path = core_eval.ensure_eval_bundle(srv.url + "/eval_bundle.zip", base_dir=str(tmp_path), backoff=0.01)
+        # not a terminal: the progress bar is plain lines, the last one at the whole bundle's size
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("downloading")]
+        size = tqdm.format_sizeof(len(bundle_zip()))  # as the bar writes it, e.g. 2.49k
+        assert lines and "100%" in lines[-1] and f"{size}/{size}" in lines[-1]
         # 500: retried; truncated (not a zip): fetched again from scratch; dropped: resumed with a Range request
         assert [r[2] for r in srv.requests_for("eval_bundle.zip")] == [500, 200, 200, 206]
         assert path == str(tmp_path / "eval_bundle")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat import dataset
+from nanochat import dataset, pretokenized
 from nanochat.common import NanochatError
 from nanochat.dataloader import pretokenized_distributed_data_loader, tokenizing_distributed_data_loader
 from nanochat.tokenizer import CharTokenizer
@@ -148,7 +148,7 @@ def test_val_split_repeats_so_evaluation_never_runs_dry(corpus):
 
 def test_pretokenized_mode_packs_rows_from_bos_and_resumes_exactly(corpus, tmp_path):
     tok, data_dir, _ = corpus
-    out = dataset.pretokenize(tok, data_dir=data_dir, out_dir=str(tmp_path / "tok"))
+    out = pretokenized.pretokenize(tok, data_dir=data_dir, out_dir=str(tmp_path / "tok"))
     kwargs = dict(B=2, T=50, split="train", buffer_docs=10, block_tokens=1000)
     straight = pretokenized_distributed_data_loader(out, tok, tok.get_vocab_size(), **kwargs)
     expected = take(straight, 30)
@@ -164,7 +164,7 @@ def test_pretokenized_mode_packs_rows_from_bos_and_resumes_exactly(corpus, tmp_p
 
 def test_pretokenized_mode_refuses_shards_of_another_tokenizer_or_a_smaller_vocab(corpus, tmp_path):
     tok, data_dir, docs = corpus
-    out = dataset.pretokenize(tok, data_dir=data_dir, out_dir=str(tmp_path / "tok"))
+    out = pretokenized.pretokenize(tok, data_dir=data_dir, out_dir=str(tmp_path / "tok"))
     other = CharTokenizer.train_from_iterator(docs + ["ü"])
     with pytest.raises(NanochatError, match=other.fingerprint):
         pretokenized_distributed_data_loader(out, other, other.get_vocab_size(), B=2, T=32, split="train")

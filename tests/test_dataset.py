@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat import corpus, dataset, shard_download
 from nanochat.common import NanochatError, run_main
+from nanochat.pretokenized import load_pretokenized, pretokenize, pretokenized_dir, token_dtype
 
 try:
     from helpers_http import FlakyFileServer, HubMirror
@@ -153,7 +154,9 @@ def test_downloader_recovers_from_drops_errors_and_corrupt_files_and_resumes_wit
         # shard 3's server ignored the Range header: the file was fetched whole again, still correct
         assert [s for _, _, s in server.requests_for("shard_00003.parquet")] == [200, 200]
         assert [s for _, _, s in server.requests_for("shard_00002.parquet")] == [200, 200]
-        assert "[5/5 shards]" in out and "MB/s" in out and "ETA" in out
+        # not a terminal: the progress bar is plain lines in the log, ending with every shard fetched
+        final = [line for line in out.splitlines() if line.startswith("downloading shards")][-1]
+        assert "5/5" in final and "shard/s" in final and "MB/s" in final
         # everything already here: a second run downloads nothing
         before = len(server.requests)
         code, out, _ = run_cli(download_args(server, data_dir, n=4), capsys)
@@ -206,7 +209,7 @@ def test_an_interrupted_download_keeps_its_partial_file_and_the_next_run_resumes
 def test_download_refuses_to_mix_into_another_corpus_whose_shard_names_it_would_reuse(tmp_path, remote_shards, capsys):
     data_dir = tmp_path / "dl"
     (tmp_path / "mine.txt").write_text("one\n\ntwo\n\nthree", encoding="utf-8")
-    dataset.build_from_files([str(tmp_path / "mine.txt")], str(data_dir))  # writes shard_00000/1.parquet
+    corpus.build_from_files([str(tmp_path / "mine.txt")], str(data_dir))  # writes shard_00000/1.parquet
     with FlakyFileServer(remote_shards) as server:
         code, _, err = run_cli(download_args(server, data_dir, n=1), capsys)
         assert code == 2 and "another corpus" in err and server.requests == []
@@ -252,7 +255,7 @@ def run_hub_download(hub, data_dir, n, *extra):
 
 def test_hub_download_goes_through_hf_endpoint_and_checks_each_shard_before_it_counts(tmp_path, remote_shards):
     repo = dict(remote_shards, **{"shard_00001.parquet": b"not parquet at all"})
-    with HubMirror({dataset.DEFAULT_REPO_ID: repo}) as hub:
+    with HubMirror({shard_download.DEFAULT_REPO_ID: repo}) as hub:
         proc = run_hub_download(hub, tmp_path / "dl", 2, "--retries", "1")
         gets = [p for m, p, st in hub.requests if m == "GET" and p.endswith("shard_00001.parquet")]
     # shard 1 is served corrupt: fetched again (retry), then a one-line error; the others are in place
@@ -262,8 +265,8 @@ def test_hub_download_goes_through_hf_endpoint_and_checks_each_shard_before_it_c
     assert names == ["shard_00000.parquet", "shard_00004.parquet"]
     assert (tmp_path / "dl" / "shard_00004.parquet").read_bytes() == remote_shards["shard_00004.parquet"]
     manifest = json.loads((tmp_path / "dl" / "manifest.json").read_text())
-    assert manifest["repo_id"] == dataset.DEFAULT_REPO_ID
-    with HubMirror({dataset.DEFAULT_REPO_ID: remote_shards}) as hub:  # fixed upstream: the rerun completes
+    assert manifest["repo_id"] == shard_download.DEFAULT_REPO_ID
+    with HubMirror({shard_download.DEFAULT_REPO_ID: remote_shards}) as hub:  # fixed upstream: the rerun completes
         proc = run_hub_download(hub, tmp_path / "dl", 2)
         fetched = sorted(p.rsplit("/", 1)[-1] for m, p, st in hub.requests if m == "GET")
     assert proc.returncode == 0, proc.stderr
@@ -273,7 +276,7 @@ def test_hub_download_goes_through_hf_endpoint_and_checks_each_shard_before_it_c
 
 def test_hub_download_of_a_shard_the_repo_lacks_fails_at_once_in_one_line(tmp_path, remote_shards):
     del remote_shards["shard_00004.parquet"]
-    with HubMirror({dataset.DEFAULT_REPO_ID: remote_shards}) as hub:
+    with HubMirror({shard_download.DEFAULT_REPO_ID: remote_shards}) as hub:
         proc = run_hub_download(hub, tmp_path / "dl", 1, "--retries", "5")
         heads = [p for m, p, st in hub.requests if p.endswith("shard_00004.parquet")]
     assert proc.returncode == 2 and len(heads) == 1, proc.stderr
@@ -322,20 +325,20 @@ def test_from_files_rejects_empty_and_non_utf8_input_in_one_line(tmp_path, capsy
 def test_from_files_names_the_bad_jsonl_line(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(NanochatError, match=r"x\.jsonl:2 is not valid JSON"):
-        dataset.build_from_files([str(tmp_path / "x.jsonl")], str(tmp_path / "out"))
+        corpus.build_from_files([str(tmp_path / "x.jsonl")], str(tmp_path / "out"))
 
 
 def test_from_files_refuses_to_mix_with_existing_shards_and_a_failed_rebuild_keeps_the_old_corpus(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("\n\n".join(make_docs("old", 10)), encoding="utf-8")
     out = str(tmp_path / "out")
-    dataset.build_from_files([str(good)], out, docs_per_shard=4)
+    corpus.build_from_files([str(good)], out, docs_per_shard=4)
     before = {p: open(p, "rb").read() for p in dataset.list_parquet_files(out)}
     with pytest.raises(NanochatError, match="--overwrite"):
-        dataset.build_from_files([str(good)], out)
+        corpus.build_from_files([str(good)], out)
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
     with pytest.raises(NanochatError, match="not UTF-8"):
-        dataset.build_from_files([str(good), str(tmp_path / "bad.txt")], out, overwrite=True)
+        corpus.build_from_files([str(good), str(tmp_path / "bad.txt")], out, overwrite=True)
     assert {p: open(p, "rb").read() for p in dataset.list_parquet_files(out)} == before
     assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in before] + ["manifest.json"])
 
@@ -355,7 +358,7 @@ def test_disk_full_while_writing_shards_is_one_clear_error_and_leaves_nothing_ha
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table_until_full)
     with pytest.raises(NanochatError, match="disk full"):
-        dataset.build_from_files([str(good)], str(out), docs_per_shard=10, row_group_docs=5)
+        corpus.build_from_files([str(good)], str(out), docs_per_shard=10, row_group_docs=5)
     assert os.listdir(out) == []  # no shard, no temp file, no staging folder
 
 
@@ -366,7 +369,7 @@ def test_python_sources_are_cut_into_documents_that_join_back_to_the_module():
     import inspect
     import argparse
     text = inspect.getsource(argparse)
-    docs = dataset.split_python_source(text, target=4000)
+    docs = corpus.split_python_source(text, target=4000)
     assert "".join(docs) == text
     assert len(docs) > 10 and max(len(d) for d in docs[1:-1]) < 20000
 
@@ -375,7 +378,7 @@ def test_embedded_corpus_is_over_20mb_deterministic_and_has_a_validation_shard(t
     code, out, err = run_cli(["--embedded", "--data-dir", str(tmp_path / "one")], capsys)
     assert code == 0, err
     assert "M characters" in out
-    dataset.build_embedded(str(tmp_path / "two"))
+    corpus.build_embedded(str(tmp_path / "two"))
     one = sorted(os.listdir(tmp_path / "one"))
     assert one == sorted(os.listdir(tmp_path / "two")) and "manifest.json" in one
     for name in one:  # byte for byte the same build
@@ -395,7 +398,7 @@ def test_embedded_corpus_is_over_20mb_deterministic_and_has_a_validation_shard(t
 
 def test_embedded_refuses_to_overwrite_another_corpus(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("one\n\ntwo\n\nthree", encoding="utf-8")
-    dataset.build_from_files([str(tmp_path / "mine.txt")], str(tmp_path / "d"))
+    corpus.build_from_files([str(tmp_path / "mine.txt")], str(tmp_path / "d"))
     code, _, err = run_cli(["--embedded", "--data-dir", str(tmp_path / "d")], capsys)
     assert code == 2 and "--overwrite" in err
 
@@ -422,7 +425,7 @@ class FakeByteTokenizer:
 @pytest.fixture
 def pretokenized(three_shards, tmp_path):
     tok = FakeByteTokenizer()
-    out = dataset.pretokenize(tok, data_dir=str(three_shards), out_dir=str(tmp_path / "tok"))
+    out = pretokenize(tok, data_dir=str(three_shards), out_dir=str(tmp_path / "tok"))
     return out, tok, three_shards
 
 
@@ -433,7 +436,7 @@ def test_pretokenized_shards_hold_every_document_with_bos_and_record_the_fingerp
     assert [(f["name"], f["split"]) for f in meta["files"]] == [
         ("train_00000.bin", "train"), ("train_00001.bin", "train"), ("val_00000.bin", "val")]
     for split in ("train", "val"):
-        arrays = dataset.load_pretokenized(out, tok.fingerprint, 257, split)
+        arrays = load_pretokenized(out, tok.fingerprint, 257, split)
         expected = [t for doc in tok.encode(read_all_texts(shards, split), prepend=256) for t in doc]
         assert np.concatenate(arrays).tolist() == expected
     assert meta["files"][0]["max_id"] == 256
@@ -442,33 +445,33 @@ def test_pretokenized_shards_hold_every_document_with_bos_and_record_the_fingerp
 def test_pretokenize_skips_work_already_done_but_redoes_it_when_the_shards_changed(pretokenized, capsys):
     out, tok, shards = pretokenized
     capsys.readouterr()
-    assert dataset.pretokenize(tok, data_dir=str(shards), out_dir=out) == out
+    assert pretokenize(tok, data_dir=str(shards), out_dir=out) == out
     assert "already pre-tokenized" in capsys.readouterr().out
     write_parquet(shards / "shard_00002.parquet", make_docs("new val", 5))
-    dataset.pretokenize(tok, data_dir=str(shards), out_dir=out)
+    pretokenize(tok, data_dir=str(shards), out_dir=out)
     assert "already" not in capsys.readouterr().out
-    val = np.concatenate(dataset.load_pretokenized(out, tok.fingerprint, 257, "val")).tolist()
+    val = np.concatenate(load_pretokenized(out, tok.fingerprint, 257, "val")).tolist()
     assert val == [t for doc in tok.encode(make_docs("new val", 5), prepend=256) for t in doc]
 
 
 def test_default_pretokenized_dir_is_named_by_fingerprint_and_big_vocabs_use_uint32(base_dir):
-    assert dataset.pretokenized_dir("0123456789abcdef" * 4) == os.path.join(str(base_dir), "base_data_tok",
+    assert pretokenized_dir("0123456789abcdef" * 4) == os.path.join(str(base_dir), "base_data_tok",
                                                                           "0123456789abcdef")
-    assert dataset.token_dtype(65535) == "uint16" and dataset.token_dtype(65536) == "uint32"
+    assert token_dtype(65535) == "uint16" and token_dtype(65536) == "uint32"
 
 
 def test_pretokenized_shards_from_another_tokenizer_are_refused_naming_both_fingerprints(pretokenized):
     out, tok, _ = pretokenized
     other = "cd" * 32
     with pytest.raises(NanochatError) as e:
-        dataset.load_pretokenized(out, other, 257)
+        load_pretokenized(out, other, 257)
     assert tok.fingerprint in str(e.value) and other in str(e.value) and out in str(e.value)
 
 
 def test_pretokenized_ids_beyond_the_model_vocab_are_refused(pretokenized):
     out, tok, _ = pretokenized
     with pytest.raises(NanochatError, match="token id 256 but the model's vocab size is 200"):
-        dataset.load_pretokenized(out, tok.fingerprint, 200)
+        load_pretokenized(out, tok.fingerprint, 200)
 
 
 def test_pretokenized_data_that_disagrees_with_its_metadata_is_refused(pretokenized):
@@ -478,12 +481,12 @@ def test_pretokenized_data_that_disagrees_with_its_metadata_is_refused(pretokeni
     tokens[len(tokens) // 2] = 40000  # corrupted bytes: an id far above the recorded max
     tokens.tofile(path)
     with pytest.raises(NanochatError, match="above its recorded max id"):
-        dataset.load_pretokenized(out, tok.fingerprint, 65536)
+        load_pretokenized(out, tok.fingerprint, 65536)
     tokens[:-1].tofile(path)  # and a truncated file
     with pytest.raises(NanochatError, match="not .* tokens long"):
-        dataset.load_pretokenized(out, tok.fingerprint, 65536)
+        load_pretokenized(out, tok.fingerprint, 65536)
 
 
 def test_pretokenized_dir_without_meta_is_incomplete_and_says_how_to_make_it(tmp_path):
     with pytest.raises(NanochatError, match="--pretokenize"):
-        dataset.load_pretokenized(str(tmp_path), "ab" * 32, 257)
+        load_pretokenized(str(tmp_path), "ab" * 32, 257)

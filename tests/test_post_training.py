@@ -11,10 +11,11 @@ import torch
 
 import string
 
+from nanochat.chat_evaluation import run_categorical_eval
+from nanochat.conversation_loader import ConversationBatches, PackedConversations, collate_supervised
+from nanochat.policy_gradient import group_advantages, policy_gradient_loss
+from nanochat.post_training import lr_multiplier
 from nanochat.tokenizer import CharTokenizer
-from scripts.chat_rl import group_advantages, pad_samples, policy_gradient_loss
-from scripts.chat_sft import ConversationBatches, sft_collate
-from scripts.mid_train import PackedConversations, lr_multiplier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +69,7 @@ def test_sft_batches_supervise_exactly_the_assistant_tokens_and_not_user_or_tool
                           {"role": "assistant", "content": "b-a-n-a-n-a"}]}
     rows = [tokenizer.render_conversation(TOOL_CONVERSATION), tokenizer.render_conversation(short)]
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    inputs, targets = sft_collate(rows, pad_id)
+    inputs, targets = collate_supervised(rows, pad_id)
     assert inputs.shape == targets.shape == (2, len(rows[0][0]) - 1)
     for b, (ids, _) in enumerate(rows):
         spec = expected_supervision(tokenizer, ids)
@@ -98,7 +99,7 @@ def test_rl_policy_gradient_uses_only_sampled_tokens():
     # prompt [5, 6], then sampled 7, forced tool output 8 (mask 0), sampled 9
     seqs = [[5, 6, 7, 8, 9], [5, 6, 7]]
     masks = [[0, 0, 1, 0, 1], [0, 0, 1]]
-    inputs, targets = pad_samples(seqs, masks, pad_id=0)
+    inputs, targets = collate_supervised(list(zip(seqs, masks)), pad_id=0)
     assert targets.tolist() == [[-1, 7, -1, 9], [-1, 7, -1, -1]]
     logprobs = torch.tensor([[-9.0, -1.0, -9.0, -2.0], [-9.0, -3.0, -9.0, -9.0]])
     adv = torch.tensor([0.5, -0.5])
@@ -107,7 +108,8 @@ def test_rl_policy_gradient_uses_only_sampled_tokens():
 
 
 def test_mid_packing_rows_start_conversations_with_bos_and_resume_exactly(tokenizer):
-    convs = [TOOL_CONVERSATION, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 5
+    hello = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    convs = [TOOL_CONVERSATION, hello] * 5
     loader = PackedConversations(convs, tokenizer, B=2, T=16)
     x0, y0 = loader.next_batch("cpu")
     assert x0[0, 0].item() == tokenizer.get_bos_token_id()
@@ -139,6 +141,29 @@ def test_mid_lr_schedule_is_constant_then_warms_down_to_zero():
     assert lr_multiplier(0.0, 0.2) == 1.0 and lr_multiplier(0.79, 0.2) == 1.0
     assert lr_multiplier(0.9, 0.2) == pytest.approx(0.5)
     assert lr_multiplier(1.0, 0.2) == 0.0
+
+
+class LetterTask(list):
+    """Multiple-choice conversations whose right answer is the letter stored with each."""
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, predicted):
+        return predicted == conversation["answer"]
+
+
+def test_categorical_eval_counts_the_letter_with_the_highest_logit_and_reports_progress(tokenizer, capsys):
+    task = LetterTask({"messages": [{"role": "user", "content": f"question {i}? A or B"},
+                                    {"role": "assistant", "content": answer}], "letters": ["A", "B"], "answer": answer}
+                      for i, answer in enumerate("BABBA"))
+    favoured = tokenizer.encode("B")[0]
+
+    def model_preferring_b(batch):
+        logits = torch.zeros(*batch.shape, tokenizer.get_vocab_size())
+        logits[..., favoured] = 1.0
+        return logits
+
+    assert run_categorical_eval(task, tokenizer, model_preferring_b, batch_size=2) == (3, 5)
+    assert "3/5 passed" in capsys.readouterr().err  # the progress line (not a terminal: plain lines)
 
 
 # -----------------------------------------------------------------------------
@@ -176,8 +201,9 @@ def pipeline(tmp_path_factory):
     out = {}
     out["mid"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "3", "--device-batch-size", "2",
                            "--max-seq-len", "64", "--eval-every", "0", "--eval-steps", "1", "--save-every", "2")
-    out["mid_resume"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "4", "--device-batch-size",
-                                  "2", "--max-seq-len", "64", "--eval-every", "0", "--eval-steps", "1", "--resume")
+    out["mid_resume"] = run_stage(base_dir, "scripts.mid_train", *common, "--num-iterations", "4",
+                                  "--device-batch-size", "2", "--max-seq-len", "64", "--eval-every", "0",
+                                  "--eval-steps", "1", "--resume")
     out["sft"] = run_stage(base_dir, "scripts.chat_sft", *common, "--num-iterations", "2", "--device-batch-size", "2",
                            "--target-examples-per-step", "4", "--eval-every", "0", "--eval-steps", "1",
                            "--eval-metrics-every", "0", "--eval-max-problems", "2", "--eval-max-new-tokens", "8")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat import dataset, doctor
+from nanochat import dataset, doctor, pretokenized
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer, load_tokenizer
@@ -168,8 +168,8 @@ def test_doctor_flags_a_mismatched_setup_and_passes_a_good_one(scenario):
 def test_doctor_rejects_pretokenized_shards_of_another_tokenizer(scenario):
     base, v0_tok, _, ext_dir, _, _ = scenario
     ext = load_tokenizer(ext_dir)
-    out_dir = dataset.pretokenized_dir(v0_tok.fingerprint)
-    dataset.pretokenize(v0_tok, data_dir=str(base / "base_data"), out_dir=out_dir)
+    out_dir = pretokenized.pretokenized_dir(v0_tok.fingerprint)
+    pretokenized.pretokenize(v0_tok, data_dir=str(base / "base_data"), out_dir=out_dir)
     checks = doctor.check_all(tokenizer_dir=ext_dir, pretok_dir=out_dir)
     row = [r for r in checks.rows if r[0] == "pre-tokenized shards"][0]
     assert row[1] == doctor.FAIL and v0_tok.fingerprint[:16] in row[2] and ext.fingerprint[:16] in row[2]

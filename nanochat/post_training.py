@@ -1,0 +1,246 @@
+"""
+What the post-training stages (mid_train, chat_sft, chat_rl) share: the optimizer and resume flags, the
+optimizers scaled to a fraction of the base learning rates, the learning-rate schedule, the check that task
+data fits the model's vocab, validation loss over ranks, and the stage checkpoint with every rank's loader state.
+"""
+
+import contextlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import parse_args_noting_explicit, resumed_run_args
+from nanochat.common import NanochatError, print0
+
+# --resume continues a run with its own arguments (from its checkpoint meta). These flags are always this
+# invocation's; each stage names the ones that may change on resume; any other flag given with a different
+# value would silently change the run and is refused unless --override-args.
+RESUME_RUNTIME = {"source", "model_tag", "step", "output_tag", "device", "resume", "resume_step", "override_args",
+                  "run"}
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+def add_optimizer_flags(parser, init_lr_frac, init_lr_help="start at this fraction of the base learning rates"):
+    """The learning rates of setup_optimizers (AdamW for embeddings/head, Muon for matrices), as base training."""
+    parser.add_argument("--unembedding-lr", type=float, default=0.004)
+    parser.add_argument("--embedding-lr", type=float, default=0.2)
+    parser.add_argument("--matrix-lr", type=float, default=0.02)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help=init_lr_help)
+
+
+def add_source_flags(parser, source_default, source_choices, offline_help="train on the offline tasks (no network)"):
+    """Which checkpoint to start from and where this stage saves; offline tasks; the device."""
+    parser.add_argument("-i", "--source", default=source_default, choices=source_choices,
+                        help="checkpoint family to start from")
+    parser.add_argument("-g", "--model-tag", default=None, help="tag of the source checkpoint (default: the newest)")
+    parser.add_argument("-s", "--step", type=int, default=None,
+                        help="step of the source checkpoint (default: the last)")
+    parser.add_argument("--output-tag", default=None, help="tag to save under (default: the source's tag)")
+    parser.add_argument("--offline", action="store_true", help=offline_help)
+    parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+
+
+def add_freeze_flag(parser):
+    parser.add_argument("--freeze-until-index", type=int, default=None,
+                        help="keep embedding/output rows < N unchanged "
+                             "(default: original vocab of an extended tokenizer; 0: off)")
+
+
+def add_run_flags(parser, stage_name):
+    """Periodic checkpoints, --resume and its companions, the wandb run name and the seed."""
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the newest complete {stage_name} checkpoint with its own arguments")
+    parser.add_argument("--resume-step", type=int, default=None,
+                        help="with --resume: this complete step (default: the newest)")
+    parser.add_argument("--override-args", action="store_true",
+                        help="with --resume: let flags change the run's own arguments")
+    parser.add_argument("--run", default=None, help="wandb run name (off by default)")
+    parser.add_argument("--seed", type=int, default=42)
+
+
+def parse_stage_args(parser, argv, stage, may_change, positive=()):
+    """Parse; with --resume, the run's own arguments from its checkpoint (flags in `may_change` may differ).
+    The flags named in `positive` must be >= 1; --num-iterations > 0 (or -1) and --num-epochs > 0."""
+    args, explicit = parse_args_noting_explicit(parser, argv)
+    if args.resume:
+        args = resumed_run_args(stage, args, explicit, may_change, RESUME_RUNTIME)
+    elif args.resume_step is not None or args.override_args:
+        raise NanochatError("--resume-step and --override-args only apply with --resume")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_iterations == 0 or args.num_epochs <= 0:
+        raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+def load_stage_model(stage, args, device, rank, label):
+    """The model to train: the --source checkpoint, or with --resume this stage's own newest one (either way
+    checked against the tokenizer). Returns (model, tokenizer, resume_state, optimizer_states, checkpoint_dir,
+    start_step); resume_state and optimizer_states are None when starting fresh."""
+    from nanochat.checkpoint_manager import start_or_resume
+    loaded = start_or_resume(stage, args.source, device, rank, args.resume, args.model_tag, args.step,
+                             args.output_tag, args.resume_step)
+    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = loaded
+    if resume_state is not None:
+        print0(f"resuming {label} from {checkpoint_dir} step {start_step}")
+    return loaded
+
+
+# -----------------------------------------------------------------------------
+# Data and ranks
+
+def check_task_tokens_fit(dataset, tokenizer, vocab_size, num_checked=64):
+    """The rendered task data must use ids the model has (a conversation special token missing from
+    an extended or foreign tokenizer would otherwise fail deep inside the embedding lookup)."""
+    for i in range(min(num_checked, len(dataset))):
+        ids, mask = tokenizer.render_conversation(dataset[i])
+        if ids and max(ids) >= vocab_size:
+            raise NanochatError(f"task data renders to token id {max(ids)} but the model's vocab is {vocab_size}; "
+                                "the tokenizer and checkpoint disagree, run python -m nanochat.doctor")
+
+
+def gather_rank_states(state):
+    """Every rank's loader state, in rank order (saved with the checkpoint for an exact resume)."""
+    if dist.is_available() and dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def rank_loader_state(resume_state, rank, world_size):
+    """This rank's loader state from a checkpoint being resumed (None when starting fresh)."""
+    if resume_state is None:
+        return None
+    states = (resume_state.get("dataloader_state") or {}).get("ranks")
+    if not states or len(states) != world_size:
+        raise NanochatError(f"--resume: the checkpoint was saved with {len(states or [])} ranks; "
+                            "resume with the same number")
+    return states[rank]
+
+
+def all_reduce_mean(value, device):
+    t = torch.tensor(float(value), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return t.item()
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def validation_loss(model, loader, steps, device, autocast):
+    """Mean loss over `steps` batches of a fresh loader, averaged over ranks."""
+    model.eval()
+    losses = []
+    for _ in range(steps):
+        inputs, targets = loader.next_batch(device)
+        with autocast:
+            losses.append(model(inputs, targets).item())
+    model.train()
+    return all_reduce_mean(sum(losses) / len(losses), device)
+
+
+# -----------------------------------------------------------------------------
+# Optimizers and schedule
+
+def build_optimizers(model, args, optimizer_states=None):
+    """setup_optimizers with the flags' learning rates, scaled by --init-lr-frac (the "initial_lr" of each
+    group, which the schedule multiplies); the saved optimizer states when resuming."""
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+    if optimizer_states is not None:
+        for opt, state in zip(optimizers, optimizer_states):
+            opt.load_state_dict(state)
+    return optimizers
+
+
+def accumulate_gradients(model, loader, grad_accum_steps, device, autocast):
+    """Forward and backward over `grad_accum_steps` batches, the loss averaged over them. Returns the last
+    batch's loss and the number of target tokens seen (targets >= 0)."""
+    num_tokens = 0
+    for _ in range(grad_accum_steps):
+        inputs, targets = loader.next_batch(device)
+        with autocast:
+            loss = model(inputs, targets)
+        (loss / grad_accum_steps).backward()
+        num_tokens += int((targets >= 0).sum().item())
+    return loss.item(), num_tokens
+
+
+def lr_multiplier(progress, warmdown_ratio):
+    """1.0, then linearly down to 0 over the last `warmdown_ratio` of training (progress in [0, 1]);
+    warmdown_ratio=1 is a linear decay from the start."""
+    if warmdown_ratio <= 0 or progress < 1.0 - warmdown_ratio:
+        return 1.0
+    return max(0.0, (1.0 - progress) / warmdown_ratio)
+
+
+def step_optimizers(model, optimizers, lrm):
+    """Set every group's lr to initial_lr * lrm, take the step, and clear the gradients."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def eta_seconds(t_start, start_step, step, num_iterations):
+    """Time left at the pace of this invocation's steps so far."""
+    return (time.time() - t_start) / (step - start_step) * (num_iterations - step)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and the report card
+
+def periodic_save_due(step, save_every, num_iterations):
+    """--save-every N: a checkpoint every N steps before the last (the last step always saves)."""
+    return save_every > 0 and step % save_every == 0 and step < num_iterations
+
+def save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, rank, stage, args, metrics,
+                          loader_state, **extra_meta):
+    """Save the model, optimizers and a meta with everything --resume needs (each rank's loader state, RNG)."""
+    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint
+    config = model.config
+    meta = {
+        "model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.get_vocab_size(), "train_args": vars(args), "metrics": metrics, "stage": stage,
+        "dataloader_state": {"ranks": gather_rank_states(loader_state)}, "rng": capture_rng_state(), **extra_meta,
+    }
+    path = save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
+                           meta, tokenizer, rank=rank)
+    print0(f"saved {path}")
+
+
+def restore_rng(resume_state):
+    """Continue the random streams of the run being resumed."""
+    if resume_state is not None and resume_state.get("rng"):
+        from nanochat.checkpoint_manager import restore_rng_state
+        restore_rng_state(resume_state["rng"])
+
+
+def log_loss_curves(prefix, section, train_curve, val_curve):
+    """The (step, loss) curves as plots in the report card section (rank 0 only)."""
+    from nanochat.report import get_report
+    report = get_report()
+    for label, curve in (("train", train_curve), ("val", val_curve)):
+        if curve:
+            report.log_series(f"{prefix}: {label}", [s for s, _ in curve], [v for _, v in curve], section=section)
