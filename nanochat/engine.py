@@ -216,7 +216,7 @@ class Engine:
         self.watched = frozenset((self.bos, self.assistant_end) + tool_ids)
         if self.device.type == "cpu":
             # reuse freed heap memory instead of fresh mmap()s for every (B, vocab) temporary
-            from nanochat.gpt import configure_cpu_allocator
+            from nanochat.cpu_allocator import configure_cpu_allocator
             configure_cpu_allocator()
 
     @property

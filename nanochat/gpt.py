@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import kernels
+from nanochat.cpu_allocator import configure_cpu_allocator
 from nanochat.common import NanochatError
 
 ARCHS = ("nanochat", "qwen2")
@@ -136,64 +138,13 @@ def config_from_depth(depth, vocab_size, arch="nanochat", sequence_len=2048, **o
 
 
 # -----------------------------------------------------------------------------
-# CPU memory allocator
-
-_ALLOCATOR_CONFIGURED = False
-
-
-def configure_cpu_allocator():
-    """Keep freed memory in the process instead of handing it back to the OS. glibc serves
-    allocations >= 128 KiB (up to 32 MiB, adaptively) with fresh mmap()s and unmaps them on free,
-    so every large temporary of a CPU training step (activations, the tokens x vocab logits) pays
-    its page faults again on every step: 30-40% of a d4 step, e.g. allocating a 128 MiB logits
-    tensor costs as much as the matmul that fills it. With mmap off and trimming practically
-    off, the heap grows to the step's peak once and is reused. (glibc still falls back to mmap
-    if the heap cannot grow.) Linux/glibc only; a no-op elsewhere. Called by setup_optimizers()
-    when training on CPU; the same can be had with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."""
-    global _ALLOCATOR_CONFIGURED
-    if _ALLOCATOR_CONFIGURED:
-        return
-    _ALLOCATOR_CONFIGURED = True
-    import ctypes
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-        libc.mallopt(M_TOP_PAD, 64 * 1024 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-# -----------------------------------------------------------------------------
-# Building blocks
-
-class _RMSNormCPU(torch.autograd.Function):
-    """Parameter-free RMSNorm over the last dim with a hand-written backward. On CPU, torch's
-    F.rms_norm backward is a long chain of unfused ops (tens of ms per call at d4 sizes);
-    this is ~4 passes: grad_x = r * (g - y * mean(g * y)), with y = x * r, r = 1/rms(x)."""
-
-    @staticmethod
-    def forward(ctx, x, eps):
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
-        y = x * r
-        ctx.save_for_backward(y, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, r = ctx.saved_tensors
-        c = (g * y).mean(dim=-1, keepdim=True)
-        return torch.addcmul(g, y, c, value=-1).mul_(r), None
-
+# Operations: the plain PyTorch op, or a hand-written kernel (nanochat/kernels.py) where it is faster.
+# This section is the only place that chooses; under torch.compile it is always the plain op.
 
 def _plain_rms_norm(x, eps):
     # The hand-written backward only pays off when there is a backward; decoding takes the fused op.
     if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _RMSNormCPU.apply(x, eps)
+        return kernels.RMSNormCPU.apply(x, eps)
     return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
@@ -205,6 +156,59 @@ def rms_norm(x, weight=None, eps=1e-6):
     return weight * _plain_rms_norm(x.float(), eps).to(dtype)
 
 
+def apply_rotary(x, cos, sin):
+    """HF's rotate_half convention. x: (B, T, H, D); cos/sin: (1, T, 1, D) with the two halves equal."""
+    if torch.compiler.is_compiling():
+        d = x.size(-1) // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if not torch.is_grad_enabled():
+        return kernels.rotate(x, cos, sin)  # no autograd.Function bookkeeping on the decode path
+    return kernels.RotaryFn.apply(x, cos, sin)
+
+
+def relu_squared(x):
+    if torch.compiler.is_compiling():
+        return F.relu(x).square()
+    if not torch.is_grad_enabled():
+        return torch.relu(x).square_()
+    return kernels.ReluSquaredFn.apply(x)
+
+
+def attention(q, k, v, gqa):
+    """Causal attention of Tq new queries over Tk >= Tq keys (the first Tk - Tq are a cached prefix)."""
+    Tq, Tk = q.size(2), k.size(2)
+    if gqa:
+        # enable_gqa is not supported by every SDPA backend/version; repeating is always correct.
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v)  # one new token sees everything so far
+    # Prefill of several tokens after a cached prefix: query i (absolute pos Tk-Tq+i) sees keys <= it.
+    prefix = Tk - Tq
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def use_fused_head_loss(x, softcap):
+    """The fused soft-capped cross-entropy (kernels.SoftcapCrossEntropyCPU): fp32 on CPU, eager only."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and 0 < softcap <= kernels.SoftcapCrossEntropyCPU.MAX_SOFTCAP)
+
+
+def _reduce_loss(losses, targets, reduction):
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets != -1).sum()
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
 class RMSNorm(nn.Module):
     """Learnable RMSNorm (qwen2 only; nanochat uses the parameter-free rms_norm)."""
 
@@ -215,104 +219,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
-
-
-def _rotate(x, cos, sin, inverse=False):
-    """y1 = x1*cos - x2*sin, y2 = x2*cos + x1*sin (HF's x*cos + rotate_half(x)*sin), written in
-    place into one output without the cat/neg temporaries; inverse=True rotates back (= backward)."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    c, s = cos[..., :d], sin[..., :d]
-    y = torch.empty_like(x)
-    y1, y2 = y[..., :d], y[..., d:]
-    sign = 1 if inverse else -1
-    torch.mul(x1, c, out=y1).addcmul_(x2, s, value=sign)
-    torch.mul(x2, c, out=y2).addcmul_(x1, s, value=-sign)
-    return y
-
-
-class _RotaryFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return _rotate(g, cos, sin, inverse=True), None, None
-
-
-def apply_rotary(x, cos, sin):
-    """HF's rotate_half convention. x: (B, T, H, D); cos/sin: (1, T, 1, D) with the two halves equal."""
-    if torch.compiler.is_compiling():
-        d = x.size(-1) // 2
-        x1, x2 = x[..., :d], x[..., d:]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-    if not torch.is_grad_enabled():
-        return _rotate(x, cos, sin)  # no autograd.Function bookkeeping on the decode path
-    return _RotaryFn.apply(x, cos, sin)
-
-
-class _SoftcapCrossEntropyCPU(torch.autograd.Function):
-    """Per-token loss of softcap * tanh(x @ W^T / softcap) against targets (-1: loss 0, no grad),
-    fused for CPU, where every pass over the (tokens x vocab) logits costs memory bandwidth.
-    Forward: t = tanh((x / softcap) @ W^T) in place, e = exp(softcap * t) and its row sums (no
-    max-subtraction needed: |logits| <= softcap <= 30 cannot overflow fp32). Backward: with
-    p = e / sumexp, d loss / d (x @ W^T) = (p - onehot) * (1 - t^2), so
-        grad_x = r * (E' @ W) - c * W[target],  grad_W = E'^T @ (r * x) - scatter(c * x)
-    where E' = e * (1 - t^2) (written over t in place), r = grad / sumexp and c = grad * (1 - t_target^2)
-    are per-row: the row scalings and the one-hot part move to the small (tokens x width) side.
-    6 passes over the logits in all, against ~12 plus temporaries for autograd."""
-    CHUNK = 1024  # rows per chunk: few, large ops (each is a parallel region)
-    MAX_SOFTCAP = 30.0
-
-    @staticmethod
-    def forward(ctx, x, W, targets, softcap):
-        assert softcap <= _SoftcapCrossEntropyCPU.MAX_SOFTCAP
-        N = x.size(0)
-        t = torch.mm(x * (1.0 / softcap), W.t())  # (N, V) = logits / softcap before the tanh
-        e = torch.empty_like(t)
-        sumexp = x.new_empty(N)
-        for s in range(0, N, _SoftcapCrossEntropyCPU.CHUNK):
-            stop = s + _SoftcapCrossEntropyCPU.CHUNK
-            tc, ec = t[s:stop], e[s:stop]
-            tc.tanh_()
-            torch.mul(tc, softcap, out=ec).exp_()
-            torch.sum(ec, dim=1, out=sumexp[s:stop])
-        valid = targets != -1
-        safe = targets.clamp_min(0)
-        t_target = t.gather(1, safe[:, None]).squeeze(1)
-        losses = (sumexp.log() - t_target * softcap) * valid
-        ctx.save_for_backward(x, W, t, e, sumexp, t_target, safe, valid)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("the fused CPU cross-entropy reuses its saved buffers: backward can run only once "
-                               "(no retain_graph=True through the loss)")
-        ctx.consumed = True
-        x, W, t, e, sumexp, t_target, safe, valid = ctx.saved_tensors
-        g = grad_losses * valid                    # (N,), ignored rows get nothing
-        r = (g / sumexp)[:, None]                  # softmax normalisation, per row
-        c = (g * (1 - t_target * t_target))[:, None]  # one-hot part, per row
-        for s in range(0, x.size(0), _SoftcapCrossEntropyCPU.CHUNK):
-            stop = s + _SoftcapCrossEntropyCPU.CHUNK
-            tc, ec = t[s:stop], e[s:stop]
-            tc.mul_(tc)
-            torch.addcmul(ec, ec, tc, value=-1, out=tc)  # e * (1 - t^2)
-        grad_x = torch.mm(t, W).mul_(r).sub_(c * W[safe])
-        grad_W = torch.mm(t.t(), x * r).index_add_(0, safe, c * x, alpha=-1)
-        return grad_x, grad_W, None, None
-
-
-def _reduce_loss(losses, targets, reduction):
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / (targets != -1).sum()
 
 
 class CausalSelfAttention(nn.Module):
@@ -362,47 +268,6 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v, gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
-
-
-def attention(q, k, v, gqa):
-    """Causal attention of Tq new queries over Tk >= Tq keys (the first Tk - Tq are a cached prefix)."""
-    Tq, Tk = q.size(2), k.size(2)
-    if gqa:
-        # enable_gqa is not supported by every SDPA backend/version; repeating is always correct.
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v)  # one new token sees everything so far
-    # Prefill of several tokens after a cached prefix: query i (absolute pos Tk-Tq+i) sees keys <= it.
-    prefix = Tk - Tq
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-class _ReluSquaredFn(torch.autograd.Function):
-    """relu(x)^2 keeping only relu(x) for backward (grad = 2 * relu(x) * g): 2 passes each way
-    instead of autograd's relu + pow + pow-backward + threshold-backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, g):
-        (r,) = ctx.saved_tensors
-        return torch.mul(r, g).mul_(2.0)
-
-
-def relu_squared(x):
-    if torch.compiler.is_compiling():
-        return F.relu(x).square()
-    if not torch.is_grad_enabled():
-        return torch.relu(x).square_()
-    return _ReluSquaredFn.apply(x)
 
 
 class MLP(nn.Module):
@@ -558,10 +423,8 @@ class GPT(nn.Module):
         head = self.lm_head.weight[:cfg.vocab_size]
         if targets is not None and loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be mean, sum or none, got {loss_reduction!r}")
-        if (targets is not None and 0 < cfg.softcap <= _SoftcapCrossEntropyCPU.MAX_SOFTCAP and x.device.type == "cpu"
-                and x.dtype == torch.float32
-                and not torch.compiler.is_compiling()):
-            losses = _SoftcapCrossEntropyCPU.apply(x.reshape(B * T, -1), head, targets.reshape(-1), cfg.softcap)
+        if targets is not None and use_fused_head_loss(x, cfg.softcap):
+            losses = kernels.SoftcapCrossEntropyCPU.apply(x.reshape(B * T, -1), head, targets.reshape(-1), cfg.softcap)
             return _reduce_loss(losses.view(B, T), targets, loss_reduction)
         logits = F.linear(x, head).float()
         if cfg.softcap > 0:
