@@ -6,7 +6,7 @@ bad profile name is a one-line error.
 
 The copy lives in .cache/fresh_install/ (gitignored). Its .venv is made by speedrun.sh itself and kept
 between test runs while pyproject.toml's dependency lists are unchanged (any change: a new venv), so
-after the first run (which downloads torch into pip's cache) setup costs seconds."""
+after the first run (which downloads torch into that venv) setup costs seconds."""
 
 import hashlib
 import os
@@ -82,7 +82,7 @@ def run_speedrun(base_dir, profile="smoke", timeout=600, repo=REPO, **extra):
 def smoke_run(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("speedrun_smoke")
     clone = make_fresh_clone()
-    # setup included: the first run ever downloads torch & co. into pip's cache, hence the long limit
+    # setup included: the first run ever downloads torch & co. into the venv, hence the long limit
     proc = run_speedrun(base_dir, repo=clone, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return base_dir, proc.stdout
