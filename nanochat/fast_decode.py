@@ -1,0 +1,125 @@
+"""
+One decoding step (one new token per row) of a nanochat-arch GPT, written out flat.
+
+Why: at the sizes a CPU decodes (d4-d20, batch 1-16) a step is a handful of small matmuls plus ~150
+tiny ops, and a profile of `GPT.forward` at T=1 shows the tiny ops, module calls and the generic
+attention kernel costing as much as the matmuls (dev/BENCHMARKS.md, "Decode profile"). This path
+computes exactly what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, but on 2-D (B, C)
+activations: the stacked q/k/v weight, rotary + QK-norm on q and k together, keys/values written
+straight into the preallocated cache at the current position, rotary as one (D, D) matmul, attention of
+the single query by SDPA over the cached prefix (grouped-query heads by a view, never a copy), ReLU²
+and the residual adds in place, and matrices laid out for x @ W (see DecodeWeights). Optional reduced-
+precision weights (`weights_dtype=torch.bfloat16`): every matmul reads bf16 weights (half the
+bytes per token, which is what bounds a large model's decode on a CPU), activations stay fp32.
+tests/test_fast_decode.py checks it against the plain forward.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import NanochatError
+from nanochat.gpt import GPT
+
+
+def supports(model):
+    """The flat step covers our GPT with the nanochat arch (qwen2, and stand-in models in tests,
+    decode through their own forward)."""
+    return isinstance(model, GPT) and model.config.arch == "nanochat"
+
+
+# Models up to this many parameters get a transposed copy of their matrices (see DecodeWeights);
+# larger ones (d20: 560M) read their own weights, where the layout matters little (bandwidth-bound).
+TRANSPOSED_COPY_MAX_PARAMS = 100_000_000
+
+
+class DecodeWeights:
+    """The matrices one step reads, prepared once and rebuilt when any parameter changes (its
+    version counter), as gpt's own q/k/v cache does. Small models: every matrix is stored
+    transposed and contiguous, (in, out), because on CPU `x @ Wt` with 1..16 rows is 1.3-2x faster
+    than F.linear on the (out, in) weight (dev/BENCHMARKS.md); that is a second copy of the weights.
+    With `weights_dtype` (e.g. torch.bfloat16) the copy is in that dtype, whatever the model's size:
+    half the bytes per token, which is what bounds a large model's decode on a CPU."""
+
+    def __init__(self, model, weights_dtype=None):
+        self.model = model
+        self.dtype = weights_dtype
+        self.copy = weights_dtype is not None or model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS
+        self.key = None
+        self.layers = None
+        self.head = None
+
+    def _version(self):
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    @torch.no_grad()
+    def get(self):
+        key = self._version()
+        if key != self.key:
+            dtype = self.dtype or self.model.lm_head.weight.dtype
+            prep = (lambda w: w.t().contiguous().to(dtype)) if self.copy else (lambda w: w.t())
+            layers = []
+            for block in self.model.transformer.h:
+                a, m = block.attn, block.mlp
+                qkv = a.qkv_weight()[0]  # q, k, v stacked (cached by the attention module)
+                layers.append((prep(qkv), prep(a.c_proj.weight), prep(m.c_fc.weight), prep(m.c_proj.weight)))
+            self.layers = layers
+            self.head = prep(self.model.lm_head.weight[:self.model.config.vocab_size])
+            self.key = key
+        return self.layers, self.head
+
+
+def _mm(x, wt):
+    """x (N, in) fp32 @ wt (in, out); bf16 weights multiply in bf16 (oneDNN) and return fp32."""
+    if wt.dtype != x.dtype:
+        return torch.mm(x.to(wt.dtype), wt).float()
+    return torch.mm(x, wt)
+
+
+def _rms(x, eps):
+    """F.rms_norm(x, eps) over the last dim in 6 small ops (torch's CPU version takes ~10, with
+    dtype round trips)."""
+    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+    return x * ss.div_(x.size(-1)).add_(eps).rsqrt_()
+
+
+def _rotation(cos, sin):
+    """The (D, D) matrix M with x @ M = rotary(x) for one position (rotate_half convention):
+    one small matmul per layer instead of ~6 elementwise ops, built once per step."""
+    d = cos.size(0) // 2
+    s = sin[:d]
+    return torch.diag(cos) + torch.diag(s, d) - torch.diag(s, -d)
+
+
+@torch.inference_mode()
+def decode_step(model, weights, ids, cache):
+    """ids (B,) int64, the newest token of every row; cache: engine.KVCache already holding the
+    prefix (pos > 0). Appends this token's keys/values to the cache and returns the next-token
+    logits (B, vocab_size) fp32, soft-capped as GPT.forward returns them."""
+    cfg = model.config
+    H, Hkv, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rms_eps
+    B, pos = ids.size(0), cache.pos
+    if pos + 1 > cache.max_len:
+        raise NanochatError(f"KV cache overflow: {pos + 1} positions into a cache of {cache.max_len}")
+    layers, head = weights.get()
+    cos, sin = model._rotary_slice(pos, 1)
+    rotation = _rotation(cos.view(D).float(), sin.view(D).float())
+
+    x = F.embedding(ids, model.transformer.wte.weight).float()  # (B, C)
+    x = _rms(x, eps)  # the embedding's RMSNorm
+    for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(layers):
+        qkv = _mm(_rms(x, eps), w_qkv).view(B, H + 2 * Hkv, D)
+        # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
+        qk = torch.mm(_rms(qkv[:, :H + Hkv], eps).view(-1, D), rotation).view(B, H + Hkv, D)
+        cache.k[i, :, :, pos] = qk[:, H:]
+        cache.v[i, :, :, pos] = qkv[:, H + Hkv:]
+        keys, values = cache.k[i, :, :, :pos + 1], cache.v[i, :, :, :pos + 1]  # (B, Hkv, T, D)
+        # the rep = H / Hkv query heads sharing a key/value head are rep "queries" of that head
+        q = qk[:, :H].view(B, Hkv, H // Hkv, D)
+        y = F.scaled_dot_product_attention(q, keys, values).view(B, H * D)
+        x += _mm(y, w_o)
+        x += _mm(_mm(_rms(x, eps), w_fc).relu_().square_(), w_proj)
+    cache.pos = pos + 1
+    logits = _mm(_rms(x, eps), head)
+    if cfg.softcap > 0:
+        logits.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    return logits
