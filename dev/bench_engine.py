@@ -143,27 +143,31 @@ def compare_with_reference(args, engine, tokenizer, prompt, batches, device):
     reference = ReferenceWorker(args.reference, "engine", threads=torch.get_num_threads(), depth=args.depth,
                                 vocab=args.vocab_size, specials=json.dumps(specials), prompt=json.dumps(prompt))
     run_engine(engine, prompt, 1, 8, seed=1000)  # warm-up, as the reference's
+    med = statistics.median
     for batch in batches:
-        ours, theirs, ratios = [], [], []
+        ours, theirs, ours_cpu, theirs_cpu, ratios = [], [], [], [], []
         for r in range(args.rounds):
             mine = []
             for k in range(args.repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 n = run_engine(engine, prompt, batch, args.new_tokens, seed=100 * r + k)
                 mine.append(n / (time.perf_counter() - t0))
+                ours_cpu.append(n / (time.process_time() - c0))
             ref = []
             for k in range(args.repeats):
                 answer = reference.ask(f"decode {batch} {args.new_tokens} {100 * r + k}")
                 ref.append(answer["tokens"] / answer["seconds"])
+                theirs_cpu.append(answer["tokens"] / answer["cpu_seconds"])
             ours += mine
             theirs += ref
-            ratios.append(statistics.median(mine) / statistics.median(ref))
-            print(f"  batch {batch} round {r + 1}: ours {statistics.median(mine):,.0f} tok/s, "
-                  f"nanochat {statistics.median(ref):,.0f} tok/s ({ratios[-1]:.2f}x)", flush=True)
+            ratios.append(med(mine) / med(ref))
+            print(f"  batch {batch} round {r + 1}: ours {med(mine):,.0f} tok/s, nanochat {med(ref):,.0f} tok/s "
+                  f"({ratios[-1]:.2f}x)", flush=True)
         print(f"Engine decode, batch {batch}, same run, {args.rounds} alternating rounds of {args.repeats}: ours "
-              f"{statistics.median(ours):,.0f} tok/s, nanochat {statistics.median(theirs):,.0f} tok/s (medians) -> "
-              f"{statistics.median(ours) / statistics.median(theirs):.2f}x (median of the per-round ratios "
-              f"{statistics.median(ratios):.2f}x)", flush=True)
+              f"{med(ours):,.0f} tok/s, nanochat {med(theirs):,.0f} tok/s (medians) -> {med(ours) / med(theirs):.2f}x "
+              f"(median of the per-round ratios {med(ratios):.2f}x); per CPU-second of each process: ours "
+              f"{med(ours_cpu):,.0f}, nanochat {med(theirs_cpu):,.0f} -> {med(ours_cpu) / med(theirs_cpu):.2f}x",
+              flush=True)
     reference.close()
 
 

@@ -133,14 +133,14 @@ def main(argv=None):
         print(f"starting the reference (nanochat at {args.reference}) and warming it up ...", flush=True)
         reference = ReferenceWorker(args.reference, "train", threads=torch.get_num_threads(), depth=args.depth,
                                     seq=args.seq, batch=args.batch, vocab=args.vocab, warmup=args.warmup)
-    fb_times, opt_times, peaks, ref_times, round_ratios = [], [], [], [], []
+    fb_times, opt_times, peaks, ref_times, round_ratios, cpu_times, ref_cpu = [], [], [], [], [], [], []
     for r in range(args.rounds):
         if device.type == "cpu":
             peaks.append(matmul_peak(device, torch.float32, repeats=2))
         ours = []
         for _ in range(args.steps):
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fwd_bwd()
             sync(device)
             t1 = time.perf_counter()
@@ -149,13 +149,16 @@ def main(argv=None):
             model.zero_grad(set_to_none=True)
             sync(device)
             t2 = time.perf_counter()
+            cpu_times.append(time.process_time() - c0)
             fb_times.append(t1 - t0)
             opt_times.append(t2 - t1)
             ours.append(t2 - t0)
         line = f"round {r + 1}: ours {tokens / statistics.median(ours):,.0f} tokens/s"
         if reference:
-            theirs = reference.ask(f"train {args.steps}")["seconds"]
+            answer = reference.ask(f"train {args.steps}")
+            theirs = answer["seconds"]
             ref_times += theirs
+            ref_cpu += answer["cpu_seconds"]
             round_ratios.append(statistics.median(theirs) / statistics.median(ours))
             line += f", nanochat {tokens / statistics.median(theirs):,.0f} tokens/s ({round_ratios[-1]:.2f}x)"
         print(line, flush=True)
@@ -196,7 +199,8 @@ def main(argv=None):
         ours_med, ref_med = statistics.median(step_times), statistics.median(ref_times)
         print(f"full step, same run, {args.rounds} alternating rounds of {args.steps} steps: ours "
               f"{tokens / ours_med:,.0f} tokens/s, nanochat {tokens / ref_med:,.0f} tokens/s (medians) -> "
-              f"{ref_med / ours_med:.2f}x (median of the per-round ratios {statistics.median(round_ratios):.2f}x)")
+              f"{ref_med / ours_med:.2f}x (median of the per-round ratios {statistics.median(round_ratios):.2f}x); "
+              f"per CPU-second of each process: {statistics.median(ref_cpu) / statistics.median(cpu_times):.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Both packages are called `nanochat`, so the reference lives in its own process w
 holds only the checkout (never this repo): `ReferenceWorker` (used by the benchmarks) starts
 `python dev/nanochat_reference.py --reference PATH --mode train|engine ...`, which builds the
 reference model, warms it up, and then answers one command per line on stdin with one JSON line:
-    train N                 -> {"seconds": [N full-step times]}
-    decode BATCH NEW SEED   -> {"seconds": s, "tokens": n}
+    train N                 -> {"seconds": [N full-step times], "cpu_seconds": [their process CPU times]}
+    decode BATCH NEW SEED   -> {"seconds": s, "cpu_seconds": c, "tokens": n}
 The reference code is read from the checkout, never copied here. Shims, all outside its timed code:
 stdout is redirected (its setup prints), `nanochat.checkpoint_manager` (imported by its engine,
 unused here) is replaced by an empty module, and its Engine gets a minimal tokenizer with our
@@ -104,12 +104,13 @@ def worker_train(args, send):
         cmd = line.split()
         if cmd[0] != "train":
             raise SystemExit(f"unknown command {line!r}")
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(int(cmd[1])):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             seconds.append(time.perf_counter() - t0)
-        send({"seconds": seconds})
+            cpu.append(time.process_time() - c0)
+        send({"seconds": seconds, "cpu_seconds": cpu})
 
 
 class _SpecialsTokenizer:
@@ -155,10 +156,10 @@ def worker_engine(args, send):
     prompt = json.loads(args.prompt)
 
     def decode(batch, new_tokens, seed):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = count_tokens(engine.generate(prompt, num_samples=batch, max_tokens=new_tokens, temperature=1.0, seed=seed),
                          batch, stops)
-        return time.perf_counter() - t0, n
+        return time.perf_counter() - t0, time.process_time() - c0, n
 
     decode(1, 8, 1000)
     send({"params": sum(p.numel() for p in model.parameters())})
@@ -166,8 +167,8 @@ def worker_engine(args, send):
         cmd = line.split()
         if cmd[0] != "decode":
             raise SystemExit(f"unknown command {line!r}")
-        seconds, n = decode(int(cmd[1]), int(cmd[2]), int(cmd[3]))
-        send({"seconds": seconds, "tokens": n})
+        seconds, cpu_seconds, n = decode(int(cmd[1]), int(cmd[2]), int(cmd[3]))
+        send({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": n})
 
 
 def count_tokens(columns, batch, stops):
