@@ -27,23 +27,26 @@ def supports(model):
     return isinstance(model, GPT) and model.config.arch == "nanochat"
 
 
-# Models up to this many parameters get a transposed copy of their matrices (see DecodeWeights);
+# fp32 models up to this many parameters get a transposed copy of their matrices (DecodeWeights);
 # larger ones (d20: 560M) read their own weights, where the layout matters little (bandwidth-bound).
 TRANSPOSED_COPY_MAX_PARAMS = 100_000_000
 
 
 class DecodeWeights:
     """The matrices one step reads, prepared once and rebuilt when any parameter changes (its
-    version counter), as gpt's own q/k/v cache does. Small models: every matrix is stored
-    transposed and contiguous, (in, out), because on CPU `x @ Wt` with 1..16 rows is 1.3-2x faster
-    than F.linear on the (out, in) weight (dev/BENCHMARKS.md); that is a second copy of the weights.
-    With `weights_dtype` (e.g. torch.bfloat16) the copy is in that dtype, whatever the model's size:
-    half the bytes per token, which is what bounds a large model's decode on a CPU."""
+    version counter), as gpt's own q/k/v cache does.
+    - Small fp32 models: every matrix is stored transposed and contiguous, (in, out), because on
+      CPU `x @ Wt` with 1..16 rows is 1.3-2x faster than F.linear on the (out, in) weight
+      (dev/BENCHMARKS.md); that is a second copy of the weights.
+    - Large fp32 models: the model's own (out, in) weights, no copy.
+    - `weights_dtype` (e.g. torch.bfloat16): an (out, in) copy in that dtype, whatever the size: half
+      the bytes per token, which is what bounds a large model's decode on a CPU. (For bf16, oneDNN's
+      (out, in) kernels read faster than x @ Wt: 40 vs 30 GB/s on a d20 matrix.)"""
 
     def __init__(self, model, weights_dtype=None):
         self.model = model
         self.dtype = weights_dtype
-        self.copy = weights_dtype is not None or model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS
+        self.transposed = weights_dtype is None and model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS
         self.key = None
         self.layers = None
         self.head = None
@@ -51,13 +54,16 @@ class DecodeWeights:
     def _version(self):
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
+    def _prep(self, w):
+        if self.transposed:
+            return w.t().contiguous()
+        return w if self.dtype is None else w.to(self.dtype).contiguous()
+
     @torch.no_grad()
     def get(self):
         key = self._version()
         if key != self.key:
-            dtype = self.dtype or self.model.lm_head.weight.dtype
-            prep = (lambda w: w.t().contiguous().to(dtype)) if self.copy else (lambda w: w.t())
-            layers = []
+            prep, layers = self._prep, []
             for block in self.model.transformer.h:
                 a, m = block.attn, block.mlp
                 qkv = a.qkv_weight()[0]  # q, k, v stacked (cached by the attention module)
@@ -67,12 +73,13 @@ class DecodeWeights:
             self.key = key
         return self.layers, self.head
 
-
-def _mm(x, wt):
-    """x (N, in) fp32 @ wt (in, out); bf16 weights multiply in bf16 (oneDNN) and return fp32."""
-    if wt.dtype != x.dtype:
-        return torch.mm(x.to(wt.dtype), wt).float()
-    return torch.mm(x, wt)
+    def matmul(self, x, w):
+        """x (N, in) fp32 times a prepared matrix -> (N, out) fp32 (bf16 weights multiply in bf16)."""
+        if self.transposed:
+            return torch.mm(x, w)
+        if w.dtype != x.dtype:
+            return F.linear(x.to(w.dtype), w).float()
+        return F.linear(x, w)
 
 
 def _rms(x, eps):
@@ -112,13 +119,14 @@ def decode_step(model, weights, ids, cache):
     if pos + 1 > cache.max_len:
         raise NanochatError(f"KV cache overflow: {pos + 1} positions into a cache of {cache.max_len}")
     layers, head = weights.get()
+    mm = weights.matmul
     cos, sin = model._rotary_slice(pos, 1)
     rotation = _rotation(cos.view(D).float(), sin.view(D).float())
 
     x = F.embedding(ids, model.transformer.wte.weight).float()  # (B, C)
     x = _rms(x, eps)  # the embedding's RMSNorm
     for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(layers):
-        qkv = _mm(_rms(x, eps), w_qkv).view(B, H + 2 * Hkv, D)
+        qkv = mm(_rms(x, eps), w_qkv).view(B, H + 2 * Hkv, D)
         # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
         qk = torch.mm(_rms(qkv[:, :H + Hkv], eps).view(-1, D), rotation).view(B, H + Hkv, D)
         cache.k[i, :, :, pos] = qk[:, H:]
@@ -127,10 +135,10 @@ def decode_step(model, weights, ids, cache):
         # the rep = H / Hkv query heads sharing a key/value head are rep "queries" of that head
         q = qk[:, :H].view(B, Hkv, H // Hkv, D)
         y = F.scaled_dot_product_attention(q, keys, values).view(B, H * D)
-        x += _mm(y, w_o)
-        x += _mm(_mm(_rms(x, eps), w_fc).relu_().square_(), w_proj)
+        x += mm(y, w_o)
+        x += mm(mm(_rms(x, eps), w_fc).relu_().square_(), w_proj)
     cache.pos = pos + 1
-    logits = _mm(_rms(x, eps), head)
+    logits = mm(_rms(x, eps), head)
     if cfg.softcap > 0:
         logits.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
     return logits

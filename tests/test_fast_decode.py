@@ -68,7 +68,7 @@ def test_decode_step_without_the_transposed_copy_is_equal_too(monkeypatch):
     monkeypatch.setattr(fast_decode, "TRANSPOSED_COPY_MAX_PARAMS", 0)
     model = random_model(n_kv_head=2)
     weights = fast_decode.DecodeWeights(model)
-    assert not weights.copy
+    assert not weights.transposed
     logits_diff, cache_diff = run_both(model, weights, batch=2)
     assert logits_diff < 1e-4 and cache_diff < 1e-5
 
