@@ -46,7 +46,8 @@ def serve(depth, vocab_size):
     from nanochat.tokenizer import SPECIAL_TOKENS, CharTokenizer
     from scripts.chat_web import Worker, create_app
 
-    tokenizer = CharTokenizer.train_from_iterator(["".join(chr(0x4E00 + i) for i in range(vocab_size - 1 - len(SPECIAL_TOKENS)))
+    n_chars = vocab_size - 1 - len(SPECIAL_TOKENS)  # CharTokenizer: one id per character, <|unk|>, specials
+    tokenizer = CharTokenizer.train_from_iterator(["".join(chr(0x4E00 + i) for i in range(n_chars))
                                                    + " abcdefghijklmnopqrstuvwxyz?.,"])
     torch.manual_seed(0)
     model = GPT(config_from_depth(depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=2048))
@@ -170,7 +171,8 @@ def main(argv=None):
             ttft = [r[0] for r in results]
             rates = [(r[1] - 1) / (r[2] - r[0]) for r in results if r[1] > 1 and r[2] > r[0]]
             tokens = sum(r[1] for r in results)
-            print(f"{clients} client{'s' if clients > 1 else ''}: time to first token median {statistics.median(ttft) * 1e3:,.0f} ms "
+            print(f"{clients} client{'s' if clients > 1 else ''}: time to first token median "
+                  f"{statistics.median(ttft) * 1e3:,.0f} ms "
                   f"(max {max(ttft) * 1e3:,.0f}); per-request decode {statistics.median(rates):,.1f} tok/s median; "
                   f"aggregate {tokens / wall:,.1f} tok/s ({tokens} tokens in {wall:.1f} s, {len(results)} requests)",
                   flush=True)

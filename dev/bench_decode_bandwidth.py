@@ -4,10 +4,11 @@ Decode of a large model at batch 1 on CPU against the machine's memory-bandwidth
 At batch 1 every new token reads every weight matrix once (the token embedding only one row), so
 tok/s can never exceed (read bandwidth) / (weight bytes per token). This script measures both in
 the same run: the read bandwidth as the best rate of reading a buffer much larger than the
-last-level cache (a sum or a matrix-vector product), then Engine decode tok/s with the model's fp32 weights and with a bf16 copy
-(Engine(weights_dtype=torch.bfloat16)), each as a % of the limit for the bytes it reads. It also
-reports what bf16 costs in accuracy on this (random) model: teacher-forced decode logits of bf16
-against fp32, as the mean KL divergence and the top-1 agreement.
+last-level cache (a sum or a matrix-vector product), then Engine decode tok/s with the model's
+fp32 weights and with a bf16 copy (Engine(weights_dtype=torch.bfloat16)), each as a % of the
+limit for the bytes it reads. It also reports what bf16 costs in accuracy on this (random) model:
+teacher-forced decode logits of bf16 against fp32, as the mean KL divergence and top-1 agreement.
+On a machine shared with other jobs use --threads 1 (see dev/BENCHMARKS.md).
 
     python -m dev.bench_decode_bandwidth                         # d20, vocab 65536, 2 threads
     python -m dev.bench_decode_bandwidth --depth 12 --threads 1  # smaller, quicker
@@ -133,7 +134,8 @@ def main(argv=None):
     cfg = model.config
     print(f"d{cfg.n_layer} (width {cfg.n_embd}, vocab {cfg.vocab_size}), {model.num_params() / 1e6:.0f}M params, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-          f"weights read per token: fp32 {bytes_per_token['fp32'] / 1e9:.2f} GB, bf16 {bytes_per_token['bf16'] / 1e9:.2f} GB")
+          f"weights read per token: fp32 {bytes_per_token['fp32'] / 1e9:.2f} GB, "
+          f"bf16 {bytes_per_token['bf16'] / 1e9:.2f} GB")
 
     # --- alternating rounds: bandwidth, then each engine
     bandwidths, rates = [], {name: [] for name in engines}

@@ -188,7 +188,8 @@ def time_all_cases(args, engine, model, prompt, batches, device):
                  ("forward only (floor)", lambda seed: run_forward_only(engine, prompt, batch, args.new_tokens, seed)),
                  ("baseline engine", lambda seed: run_baseline_engine(engine, prompt, batch, args.new_tokens, seed))]
         if not args.skip_no_cache:
-            cases.append(("no cache (recompute)", lambda seed: run_no_cache(model, prompt, batch, args.new_tokens, seed)))
+            cases.append(("no cache (recompute)",
+                          lambda seed: run_no_cache(model, prompt, batch, args.new_tokens, seed)))
         for name, fn in cases:
             slow = name.startswith("no cache")  # ~100x slower: one untimed-warm-up-free run is plenty
             walls, cpus = time_case(fn, 1 if slow else args.repeats, device, warmup=not slow)

@@ -170,7 +170,8 @@ def main(argv=None):
     def report(name, times, flops=None):
         best, med = min(times), statistics.median(times)
         extra = f"  {flops * tokens / med / 1e9:.1f} GFLOP/s median" if flops else ""
-        print(f"{name:<10} median {med * 1e3:8.1f} ms (best {best * 1e3:8.1f})  -> {tokens / med:9,.0f} tokens/s median "
+        print(f"{name:<10} median {med * 1e3:8.1f} ms (best {best * 1e3:8.1f})  -> "
+              f"{tokens / med:9,.0f} tokens/s median "
               f"({tokens / best:,.0f} best){extra}")
 
     report("fwd+bwd", fb_times, flops_per_token)
@@ -181,7 +182,8 @@ def main(argv=None):
         peak = statistics.median(peaks)
         fb_flops = flops_per_token * tokens / statistics.median(fb_times)
         print(f"matmul peak (2048^3 fp32) measured before each round: median {peak / 1e9:.1f} GFLOP/s "
-              f"(best {max(peaks) / 1e9:.1f}, worst {min(peaks) / 1e9:.1f}); fwd+bwd median at {fb_flops / peak:.0%} of it")
+              f"(best {max(peaks) / 1e9:.1f}, worst {min(peaks) / 1e9:.1f}); "
+              f"fwd+bwd median at {fb_flops / peak:.0%} of it")
         load = os.getloadavg()[0]
         print(f"load average {load:.1f} at end (above {os.cpu_count()}: other processes share the cores; "
               f"compare ours and the reference of the same run only)")

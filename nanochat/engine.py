@@ -223,7 +223,8 @@ class Engine:
         if fast_decode.supports(model) and (self.device.type == "cpu" or weights_dtype is not None):
             self.fast = fast_decode.DecodeWeights(model, weights_dtype)
         elif weights_dtype is not None:
-            raise NanochatError(f"decoding with {weights_dtype} weights needs the nanochat arch, not {model.config.arch}")
+            raise NanochatError(f"decoding with {weights_dtype} weights needs the nanochat arch, "
+                                f"not {model.config.arch}")
 
     @property
     def device(self):
