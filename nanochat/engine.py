@@ -218,7 +218,8 @@ class Engine:
             # reuse freed heap memory instead of fresh mmap()s for every (B, vocab) temporary
             from nanochat.gpt import configure_cpu_allocator
             configure_cpu_allocator()
-        # the flat one-token step (fast_decode) on CPU; elsewhere, and for the qwen2 arch, GPT.forward
+        # self.fast: the weights of the flat one-token step (fast_decode), used on CPU; None (other
+        # devices, the qwen2 arch, or set by a caller) decodes through model.forward
         self.fast = None
         if fast_decode.supports(model) and (self.device.type == "cpu" or weights_dtype is not None):
             self.fast = fast_decode.DecodeWeights(model, weights_dtype)
