@@ -4,13 +4,17 @@
 #   bash speedrun.sh                 # 8xGPU node: the d20 run; a machine without GPUs: the CPU profile, offline
 #   NANOCHAT_PROFILE=cpu bash speedrun.sh     # force the CPU profile (embedded corpus, small model)
 #   NANOCHAT_PROFILE=smoke bash speedrun.sh   # every stage for a few steps (what the tests run)
+#   NANOCHAT_PROFILE=rehearsal HF_ENDPOINT=... NANOCHAT_EVAL_BUNDLE_URL=... bash speedrun.sh
+#                                    # the GPU profile on CPU: 2 ranks under torchrun, tiny sizes (tests run it)
 #   WITH_RL=1 bash speedrun.sh       # also run chat_rl + its eval
 #   FRESH=1 bash speedrun.sh         # forget finished stages and start over
 #
 # Knobs (environment variables): NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NANOCHAT_PROFILE
-# (gpu|cpu|smoke, default: gpu when nvidia-smi sees a GPU, else cpu), NPROC (GPUs to use, default all),
-# DEPTH, DEVICE_BATCH_SIZE, VOCAB_SIZE, MAX_SEQ_LEN, BASE_ITERS/MID_ITERS/SFT_ITERS (CPU/smoke profiles),
-# SKIP_SETUP=1 (use $PYTHON or python3 instead of creating .venv).
+# (gpu|rehearsal|cpu|smoke, default: gpu when nvidia-smi sees a GPU, else cpu), NPROC (GPUs to use, default all;
+# rehearsal: 2 CPU ranks), DEPTH, DEVICE_BATCH_SIZE, VOCAB_SIZE, MAX_SEQ_LEN, NUM_SHARDS (gpu: shards fetched before
+# the tokenizer), BASE_ITERS/MID_ITERS/SFT_ITERS (CPU/smoke profiles), ITERS (rehearsal),
+# SKIP_SETUP=1 (use $PYTHON or python3 instead of creating .venv), UNSAFE_EXECUTION=1 (gpu: let chat_eval run
+# HumanEval's model-written code even where the kernel cannot confine it; by default the doctor stage refuses).
 #
 # Every stage logs to $NANOCHAT_BASE_DIR/logs/<stage>.log as well as the screen. A finished stage leaves a
 # marker in $NANOCHAT_BASE_DIR/speedrun_done/, so rerunning after a failure resumes at the failed stage.
@@ -33,9 +37,15 @@ if [ -z "${NANOCHAT_PROFILE:-}" ]; then
     fi
 fi
 case "$NANOCHAT_PROFILE" in
-    gpu|cpu|smoke) ;;
-    *) echo "error: NANOCHAT_PROFILE must be gpu, cpu or smoke (got '$NANOCHAT_PROFILE')" >&2; exit 2 ;;
+    gpu|rehearsal|cpu|smoke) ;;
+    *) echo "error: NANOCHAT_PROFILE must be gpu, rehearsal, cpu or smoke (got '$NANOCHAT_PROFILE')" >&2; exit 2 ;;
 esac
+if [ "$NANOCHAT_PROFILE" = gpu ] && \
+   ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }; then
+    echo "error: NANOCHAT_PROFILE=gpu but nvidia-smi sees no GPU; fix the driver," \
+         "or rehearse on CPU with NANOCHAT_PROFILE=rehearsal" >&2
+    exit 2
+fi
 SECONDS=0
 
 # --- environment: a venv with nanochat and our Rust tokenizer trainer (built by maturin)
@@ -47,6 +57,8 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then
 else
     PY="${PYTHON:-$(command -v python3)}"
 fi
+# the venv's tools (torchrun, hf, ...) first on PATH, so nothing runs under another Python by accident
+export PATH="$(dirname "$PY"):$PATH"
 
 # run_stage NAME CMD...: run CMD unless NAME already finished; tee its output to the stage log; stop on failure.
 run_stage() {
@@ -81,24 +93,55 @@ resumable_stage() {
 
 # --- per-profile settings
 # TORCHRUN: how stages run (all GPUs on a GPU node, one process on CPU); "--" separates torchrun's flags.
-if [ "$NANOCHAT_PROFILE" = gpu ]; then
-    NPROC="${NPROC:-$(nvidia-smi -L | grep -c GPU)}"
-    DEPTH="${DEPTH:-20}"; VOCAB_SIZE="${VOCAB_SIZE:-65536}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-2048}"
-    DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"
-    TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m)
+if [ "$NANOCHAT_PROFILE" = gpu ] || [ "$NANOCHAT_PROFILE" = rehearsal ]; then
+    # SIZE_*: what the rehearsal changes (sizes and the device); the stages, launches and flags are the same
+    if [ "$NANOCHAT_PROFILE" = gpu ]; then
+        NPROC="${NPROC:-$(nvidia-smi -L | grep -c GPU)}"
+        DEPTH="${DEPTH:-20}"; VOCAB_SIZE="${VOCAB_SIZE:-65536}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-2048}"
+        DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"; NUM_SHARDS="${NUM_SHARDS:-8}"; MAX_CHARS=2000000000
+        SIZE_BASE=(); SIZE_BASE_EVAL=(); SIZE_MID=(); SIZE_SFT=(); SIZE_EVAL=(); SIZE_RL=()
+        echo "nanochat speedrun: GPU profile, depth $DEPTH on $NPROC GPU(s), logs in $LOGS"
+    else
+        # The GPU profile rehearsed on CPU: NPROC ranks on gloo, hub data from HF_ENDPOINT, the CORE bundle
+        # from NANOCHAT_EVAL_BUNDLE_URL, a tiny model and a few steps of every stage.
+        NPROC="${NPROC:-2}"
+        DEPTH="${DEPTH:-1}"; VOCAB_SIZE="${VOCAB_SIZE:-512}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-128}"
+        DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-2}"; NUM_SHARDS="${NUM_SHARDS:-3}"; MAX_CHARS=2000000
+        ITERS="${ITERS:-2}"; EVAL_PROBLEMS="${EVAL_PROBLEMS:-4}"; WITH_RL="${WITH_RL:-1}"
+        ROWS=$((NPROC * DEVICE_BATCH_SIZE * MAX_SEQ_LEN))
+        SIZE_BASE=(--device cpu --total-batch-size "$ROWS" --num-iterations "$((2 * ITERS))" --eval-every "$ITERS"
+                   --eval-tokens "$ROWS" --sample-every 0 --save-every "$ITERS")
+        SIZE_BASE_EVAL=(--device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --split-tokens "$ROWS"
+                        --core-max-per-task "$EVAL_PROBLEMS")
+        SIZE_MID=(--device cpu --total-batch-size "$ROWS" --num-iterations "$ITERS" --eval-every 0 --eval-steps 2)
+        SIZE_SFT=(--device cpu --num-iterations "$ITERS" --device-batch-size 2 --target-examples-per-step 4
+                  --eval-every 0 --eval-steps 2 --eval-metrics-every 0 --eval-max-problems 2 --eval-max-new-tokens 8)
+        SIZE_EVAL=(--device cpu -x "$EVAL_PROBLEMS" -m 8)
+        SIZE_RL=(--device cpu --num-iterations 1 --examples-per-step "$NPROC" --num-samples 2 --device-batch-size 2
+                 --max-new-tokens 8 --eval-every 0 --eval-examples "$EVAL_PROBLEMS" --pass-k 1)
+        echo "nanochat speedrun: rehearsal of the GPU profile on CPU: $NPROC ranks, depth $DEPTH, logs in $LOGS"
+    fi
+    TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)  # = torchrun, this venv's
     SEP=(--)
-    DATA_ARGS=(-n 8)
-    TOK_ARGS=(--max-chars 2000000000 --vocab-size "$VOCAB_SIZE")
-    BASE_ARGS=(--depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN")
-    BASE_EVAL_ARGS=()
-    MID_ARGS=(--device-batch-size "$DEVICE_BATCH_SIZE")
-    SFT_ARGS=()
-    EVAL_ARGS=()
-    MID_EVAL_ARGS=()
-    RL_ARGS=()
-    echo "nanochat speedrun: GPU profile, depth $DEPTH on $NPROC GPU(s), logs in $LOGS"
+    DATA_ARGS=(-n "$NUM_SHARDS")
+    TOK_ARGS=(--max-chars "$MAX_CHARS" --vocab-size "$VOCAB_SIZE")
+    BASE_ARGS=(--depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN" "${SIZE_BASE[@]}")
+    BASE_EVAL_ARGS=("${SIZE_BASE_EVAL[@]}")
+    MID_ARGS=(--device-batch-size "$DEVICE_BATCH_SIZE" "${SIZE_MID[@]}")
+    SFT_ARGS=("${SIZE_SFT[@]}")
+    EVAL_ARGS=("${SIZE_EVAL[@]}")
+    MID_EVAL_ARGS=("${SIZE_EVAL[@]}")
+    # chat_eval's default tasks include HumanEval, which runs model-written code: the doctor stage stops the run
+    # before training when the kernel cannot confine it (UNSAFE_EXECUTION=1 runs it unconfined instead)
+    if [ "${UNSAFE_EXECUTION:-0}" = 1 ]; then
+        DOCTOR_ARGS=(); EVAL_ARGS+=(--unsafe-execution); MID_EVAL_ARGS+=(--unsafe-execution)
+    else
+        DOCTOR_ARGS=(--require-sandbox)
+    fi
+    RL_ARGS=("${SIZE_RL[@]}")
 else
     # CPU and smoke: one process, embedded offline corpus, offline tasks, small vocab and model.
+    DOCTOR_ARGS=()
     TORCHRUN=("$PY" -m)
     SEP=()
     if [ "$NANOCHAT_PROFILE" = cpu ]; then
@@ -139,7 +182,7 @@ fi
 run_stage report_reset "$PY" -m nanochat.report reset
 run_stage data "$PY" -m nanochat.dataset "${DATA_ARGS[@]}"
 DATA_PID=""
-if [ "$NANOCHAT_PROFILE" = gpu ]; then
+if [ "$NANOCHAT_PROFILE" = gpu ] || [ "$NANOCHAT_PROFILE" = rehearsal ]; then
     # Shards needed for the Chinchilla token budget: computed by base_train from the model size.
     # 20 tokens/param (Chinchilla), ~4.8 chars/token, ~250M chars/shard, +20% slack, +1 for validation.
     SHARDS="$("$PY" - "$DEPTH" "$VOCAB_SIZE" "$MAX_SEQ_LEN" <<'PYEOF'
@@ -162,7 +205,8 @@ if [ -n "$DATA_PID" ]; then
 fi
 
 # --- pretraining, midtraining, SFT (and RL), each followed by its evaluation
-run_stage doctor "$PY" -m nanochat.doctor --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
+run_stage doctor "$PY" -m nanochat.doctor --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN" \
+    "${DOCTOR_ARGS[@]}"
 resumable_stage base_train base_checkpoints "${TORCHRUN[@]}" scripts.base_train "${SEP[@]}" "${BASE_ARGS[@]}"
 run_stage base_eval "${TORCHRUN[@]}" scripts.base_eval "${SEP[@]}" "${BASE_EVAL_ARGS[@]}"
 resumable_stage mid_train mid_checkpoints "${TORCHRUN[@]}" scripts.mid_train "${SEP[@]}" "${MID_ARGS[@]}"

@@ -7,46 +7,102 @@ resume or export.
     <base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/step_000123/
         model.safetensors   weights (tied tensors stored once, see meta["tied_weights"])
         meta.json           model_config, arch, tokenizer_fingerprint, vocab_size, train_args,
-                            step, metrics, dataloader_state, rng, world_size, tied_weights
+                            step, metrics, dataloader_state, rng, world_size, tied_weights,
+                            checksums (sha256 of every other file in the step directory)
         optim_rank{r}.pt    optimizer state of rank r
         tokenizer/          a copy of the tokenizer the model was trained with
-        COMPLETE            written last; readers ignore step directories without it
+        COMPLETE            written last (it holds meta.json's own sha256); a step without it is incomplete
 
 Saves are atomic: everything is written into a hidden temp directory beside the final one,
 fsynced, COMPLETE is written last, and the directory is renamed into place. A crash (even
 kill -9) at any moment leaves the previous complete checkpoints untouched and loadable.
-Loading checks the tokenizer fingerprint, the vocab size and every tensor's shape against the
-config before any real model is built, and names both sides of any disagreement.
+
+Every consumer (inference, each stage's --resume, export, doctor) goes through one validated
+load path, `open_step`: the files are present, their checksums match (NANOCHAT_VERIFY_CHECKSUMS=0
+skips this for very large checkpoints), the safetensors header is readable, the tensor shapes match
+the meta's config and the tokenizer copy matches the meta's fingerprint, all before a real model is
+built. Any failure is one NanochatError naming the file; when a step is bad the error lists the
+steps that pass. Incomplete step directories newer than the one used are reported, never silently skipped.
 """
 
+import argparse
 import glob
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
-import time
+import sys
 
-from nanochat.common import NanochatError, _fsync_dir, get_base_dir, read_json, atomic_write_json
+from nanochat.common import NanochatError, _fsync_dir, atomic_write_json, get_base_dir, print0
 
 # source name (as the stage scripts call it) -> checkpoint folder, and the stage that writes it
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 
 COMPLETE_MARKER = "COMPLETE"
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+VERIFY_ENV = "NANOCHAT_VERIFY_CHECKSUMS"  # "0": skip checksum verification (very large checkpoints)
+_CHANGED = "its sha256 differs from the one recorded at save time"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-# Test hook "STEP:SECONDS": sleep that long inside the save of STEP, after the weights are written
-# (so a test can kill -9 a save midway).
-_SLEEP_ENV = "NANOCHAT_TEST_SLEEP_IN_SAVE"
 
 
 def step_dirname(step):
     return f"step_{step:06d}"
 
 
+def step_of(dirname):
+    """The step a step_NNNNNN directory name stands for, or None for any other name."""
+    m = _STEP_RE.match(dirname)
+    return int(m.group(1)) if m else None
+
+
+def optimizer_filename(rank):
+    return f"optim_rank{rank}.pt"
+
+
 def checkpoints_root(source):
     if source not in STAGE_DIRS:
         raise NanochatError(f"unknown checkpoint source {source!r}; use one of {', '.join(STAGE_DIRS)}")
     return os.path.join(get_base_dir(), STAGE_DIRS[source])
+
+
+def _tell(line):
+    """A line on stderr (rank 0 only), for things the user should know that do not stop the run; stderr keeps
+    the stdout of chat_cli -p and friends clean."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Checksums: sha256 (hardware-accelerated on current CPUs; ~1 GB/s, see dev/BENCHMARKS.md)
+
+def file_checksum(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _step_files(step_dir):
+    """Relative paths of every file in a step directory except meta.json and COMPLETE (which carry the checksums)."""
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            if rel not in (META, COMPLETE_MARKER):
+                out.append(rel)
+    return sorted(out)
+
+
+def verify_enabled(verify=None):
+    """verify=None: on unless NANOCHAT_VERIFY_CHECKSUMS=0."""
+    if verify is not None:
+        return verify
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # -----------------------------------------------------------------------------
@@ -130,8 +186,9 @@ def _barrier():
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, tokenizer, rank=0, keep_last=2):
     """Write step `step` atomically. Under DDP every rank calls this (collectively): rank r writes
-    optim_rank{r}.pt, rank 0 writes the weights, meta and tokenizer and renames the directory into
-    place after a barrier. `optimizer_states` is this rank's list of optimizer state dicts (or None).
+    optim_rank{r}.pt, rank 0 writes the weights and tokenizer, then (once every shard is on disk) the
+    meta with a checksum of every file, and renames the directory into place.
+    `optimizer_states` is this rank's list of optimizer state dicts (or None).
     Older complete steps beyond the newest `keep_last` are deleted only after the new one is complete
     (keep_last=0 keeps all). Returns the final step directory."""
     import torch
@@ -147,14 +204,13 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, t
     _barrier()
     # every rank: its optimizer shard
     if optimizer_states is not None:
-        torch.save([opt for opt in optimizer_states], os.path.join(tmp_dir, f"optim_rank{rank}.pt"))
+        torch.save([opt for opt in optimizer_states], os.path.join(tmp_dir, optimizer_filename(rank)))
     if rank == 0:
         tensors, tied = _clean_state_dict(model_state)
-        save_file(tensors, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
-        hook_step, _, sleep_s = os.environ.get(_SLEEP_ENV, "").partition(":")
-        if hook_step and int(hook_step) == step:
-            print(f"[test hook] sleeping {sleep_s}s inside the save of step {step}", flush=True)
-            time.sleep(float(sleep_s))
+        save_file(tensors, os.path.join(tmp_dir, WEIGHTS), metadata={"format": "pt"})
+        tokenizer.save(os.path.join(tmp_dir, "tokenizer"))
+    _barrier()  # all optimizer shards are on disk
+    if rank == 0:
         meta = dict(meta)
         meta["step"] = step
         meta["tied_weights"] = tied
@@ -162,13 +218,11 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, t
         meta.setdefault("vocab_size", tokenizer.get_vocab_size())
         import torch.distributed as dist
         meta["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        atomic_write_json(os.path.join(tmp_dir, "meta.json"), meta)
-        tokenizer.save(os.path.join(tmp_dir, "tokenizer"))
-    _barrier()  # all optimizer shards are on disk
-    if rank == 0:
+        meta["checksums"] = {rel: file_checksum(os.path.join(tmp_dir, rel)) for rel in _step_files(tmp_dir)}
+        atomic_write_json(os.path.join(tmp_dir, META), meta)
         _fsync_tree(tmp_dir)
         with open(os.path.join(tmp_dir, COMPLETE_MARKER), "w") as f:
-            f.write(f"step {step}\n")
+            f.write(f"step {step}\n{META} {file_checksum(os.path.join(tmp_dir, META))}\n")
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp_dir)
@@ -200,22 +254,51 @@ def _prune(checkpoint_dir, keep_last):
 # Finding
 
 def list_complete_steps(checkpoint_dir):
-    """Sorted steps that have a COMPLETE marker (temp dirs and partial steps are ignored)."""
+    """Sorted steps that have a COMPLETE marker (temp dirs and partial steps are left out)."""
+    return [s for s, complete in _step_dirs(checkpoint_dir) if complete]
+
+
+def incomplete_steps(checkpoint_dir):
+    """Sorted steps whose directory has no COMPLETE marker (an interrupted save or copy)."""
+    return [s for s, complete in _step_dirs(checkpoint_dir) if not complete]
+
+
+def _step_dirs(checkpoint_dir):
     if not os.path.isdir(checkpoint_dir):
         return []
-    steps = []
+    out = []
     for name in os.listdir(checkpoint_dir):
         m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(checkpoint_dir, name, COMPLETE_MARKER)):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+        if m and os.path.isdir(os.path.join(checkpoint_dir, name)):
+            out.append((int(m.group(1)), os.path.isfile(os.path.join(checkpoint_dir, name, COMPLETE_MARKER))))
+    return sorted(out)
+
+
+def _partial_note(checkpoint_dir):
+    partial = incomplete_steps(checkpoint_dir)
+    if not partial:
+        return ""
+    return f" (step {', '.join(map(str, partial))} has no {COMPLETE_MARKER} marker: an interrupted save or copy)"
 
 
 def find_last_step(checkpoint_dir):
     steps = list_complete_steps(checkpoint_dir)
     if not steps:
-        raise NanochatError(f"no complete checkpoint in {checkpoint_dir} (step_* dirs with a {COMPLETE_MARKER} marker); train one first")
+        raise NanochatError(f"no complete checkpoint in {checkpoint_dir}{_partial_note(checkpoint_dir)}; "
+                            f"train one first")
     return steps[-1]
+
+
+def choose_step(checkpoint_dir, step=None):
+    """`step`, or the newest complete one; incomplete step directories newer than the one used get a warning
+    line."""
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+        newer = [s for s in incomplete_steps(checkpoint_dir) if s > step]
+        for s in newer:
+            _tell(f"warning: {os.path.join(checkpoint_dir, step_dirname(s))} has no {COMPLETE_MARKER} marker "
+                  f"(an interrupted save or copy) and is skipped; using step {step}. Delete it, or finish copying it")
+    return step
 
 
 def find_latest_tag(root):
@@ -232,12 +315,31 @@ def _step_dir(checkpoint_dir, step):
     path = os.path.join(checkpoint_dir, step_dirname(step))
     if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
         have = list_complete_steps(checkpoint_dir)
-        raise NanochatError(f"checkpoint step {step} is missing or incomplete in {checkpoint_dir} (complete steps: {have or 'none'})")
+        why = f"incomplete (no {COMPLETE_MARKER} marker: an interrupted save or copy): {path}" if os.path.isdir(path) \
+            else f"missing in {checkpoint_dir}"
+        raise NanochatError(f"checkpoint step {step} is {why} (complete steps: {', '.join(map(str, have)) or 'none'})")
     return path
 
 
-def read_meta(checkpoint_dir, step):
-    return read_json(os.path.join(_step_dir(checkpoint_dir, step), "meta.json"), "checkpoint meta")
+def read_meta(checkpoint_dir, step, verify=None):
+    """The meta of one complete step, checked against the checksum its COMPLETE marker holds."""
+    step_dir = _step_dir(checkpoint_dir, step)
+    path = os.path.join(step_dir, META)
+    if not os.path.isfile(path):
+        raise NanochatError(f"checkpoint meta missing: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanochatError(f"checkpoint meta is corrupt ({e.__class__.__name__}): {path}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise NanochatError(f"checkpoint meta is corrupt (no model_config): {path}")
+    if verify_enabled(verify):
+        with open(os.path.join(step_dir, COMPLETE_MARKER), encoding="utf-8", errors="replace") as f:
+            recorded = dict(line.split(" ", 1) for line in f.read().splitlines() if " " in line).get(META)
+        if recorded is not None and recorded.strip() != file_checksum(path):
+            raise NanochatError(f"checkpoint meta is corrupt ({_CHANGED}): {path}")
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +365,8 @@ def checkpoint_shapes(path):
     except FileNotFoundError:
         raise NanochatError(f"checkpoint weights missing: {path}") from None
     except Exception as e:
-        raise NanochatError(f"checkpoint weights are unreadable ({e.__class__.__name__}: {e}): {path}") from None
+        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): "
+                            f"{path}") from None
     return shapes
 
 
@@ -271,13 +374,13 @@ def make_config(meta, step_dir="?"):
     from nanochat.gpt import GPTConfig
     try:
         return GPTConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise NanochatError(f"checkpoint meta has an unusable model_config ({e}): {step_dir}/meta.json") from None
 
 
 def validate_checkpoint(step_dir, meta, tokenizer, config):
     """Raise NanochatError naming both sides if tokenizer, vocab size or tensor shapes disagree."""
-    meta_path = os.path.join(step_dir, "meta.json")
+    meta_path = os.path.join(step_dir, META)
     tok_path = os.path.join(step_dir, "tokenizer")
     fp_meta = meta.get("tokenizer_fingerprint")
     if fp_meta != tokenizer.fingerprint:
@@ -291,7 +394,7 @@ def validate_checkpoint(step_dir, meta, tokenizer, config):
             f"{tok_path} has {vocab_tok} ids; the model must be built (or extended) for this tokenizer")
     if "vocab_size" in meta and meta["vocab_size"] != vocab_tok:
         raise NanochatError(f"vocab size mismatch: meta {meta_path} records vocab_size {meta['vocab_size']} but the tokenizer {tok_path} has {vocab_tok}")
-    weights = os.path.join(step_dir, "model.safetensors")
+    weights = os.path.join(step_dir, WEIGHTS)
     have = checkpoint_shapes(weights)
     for alias, src in (meta.get("tied_weights") or {}).items():
         if src in have:
@@ -308,32 +411,149 @@ def validate_checkpoint(step_dir, meta, tokenizer, config):
             raise NanochatError(f"tensor shape mismatch for {k}: {weights} has {list(have[k])} but the config in {meta_path} needs {list(want[k])}")
 
 
+_unverified_noted = set()
+
+
+def verify_checksums(step_dir, meta, files=None):
+    """Compare the listed files (default: every file the meta records) with the checksums taken at save time.
+    A checkpoint saved before checksums were recorded is accepted, with a note (once per directory)."""
+    recorded = meta.get("checksums")
+    if not isinstance(recorded, dict):
+        if step_dir not in _unverified_noted:
+            _unverified_noted.add(step_dir)
+            _tell(f"note: {step_dir} was saved before checkpoints recorded checksums; its files are checked for "
+                  f"presence, readability and shapes only")
+        return
+    for rel in (files if files is not None else sorted(recorded)):
+        if rel not in recorded:
+            continue  # a file this step never had (e.g. no optimizer state); presence is checked by the caller
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            raise NanochatError(f"checkpoint file missing: {path}")
+        if file_checksum(path) != recorded[rel]:
+            raise NanochatError(f"checkpoint file is corrupt ({_CHANGED}): {path}")
+
+
+def _missing_optimizer(path, meta):
+    return (f"optimizer state missing: {path} (the checkpoint was saved by {meta.get('world_size', '?')} "
+            f"process(es); resume with the same number)")
+
+
+class CheckpointStep:
+    """One validated step directory: its meta, its tokenizer copy and its model config."""
+
+    def __init__(self, checkpoint_dir, step, meta, tokenizer, config):
+        self.checkpoint_dir = checkpoint_dir
+        self.step = step
+        self.dir = os.path.join(checkpoint_dir, step_dirname(step))
+        self.meta, self.tokenizer, self.config = meta, tokenizer, config
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+def open_step(checkpoint_dir, step, verify=None, optimizer_rank=None, all_files=False):
+    """Validate one step: COMPLETE marker, meta, file presence, the tokenizer copy against the meta, the
+    safetensors header and every tensor's shape against the config, the optimizer state's header (given
+    optimizer_rank), then the checksums of the files this consumer reads (the weights, the tokenizer and,
+    given optimizer_rank, that rank's optimizer state; all_files: every one). The checks that say *what*
+    disagrees run first; the checksums catch the rest."""
+    from nanochat.tokenizer import load_tokenizer
+    step_dir = _step_dir(checkpoint_dir, step)
+    meta = read_meta(checkpoint_dir, step, verify)
+    needed = [WEIGHTS, "tokenizer"]
+    if optimizer_rank is not None:
+        needed.append(optimizer_filename(optimizer_rank))
+    for name in needed:
+        path = os.path.join(step_dir, name)
+        if not os.path.exists(path):
+            if name.startswith("optim_rank"):
+                raise NanochatError(_missing_optimizer(path, meta))
+            raise NanochatError(f"checkpoint file missing: {path}")
+    tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer"))
+    config = make_config(meta, step_dir)
+    validate_checkpoint(step_dir, meta, tokenizer, config)
+    ckpt = CheckpointStep(checkpoint_dir, step, meta, tokenizer, config)
+    if optimizer_rank is not None:
+        load_optimizer_states(ckpt, optimizer_rank, "cpu", mmap=True)  # its header reads (memory-mapped: cheap)
+    if verify_enabled(verify):
+        files = None
+        if not all_files:
+            reads = (WEIGHTS, optimizer_filename(optimizer_rank) if optimizer_rank is not None else None)
+            files = [rel for rel in (meta.get("checksums") or {})
+                     if rel in reads or rel.startswith("tokenizer" + os.sep)]
+        verify_checksums(step_dir, meta, files)
+    return ckpt
+
+
+def open_checkpoint(checkpoint_dir, step=None, verify=None, optimizer_rank=None, step_flag="--step", all_files=False):
+    """open_step on `step` (default: the newest complete one). If it fails, the error lists the complete
+    steps that pass the same checks and the flag that picks one."""
+    step = choose_step(checkpoint_dir, step)
+    try:
+        return open_step(checkpoint_dir, step, verify, optimizer_rank, all_files)
+    except NanochatError as e:
+        good = []
+        for other in reversed(list_complete_steps(checkpoint_dir)):
+            if other == step:
+                continue
+            try:
+                open_step(checkpoint_dir, other, verify, optimizer_rank)
+                good.append(other)
+            except NanochatError:
+                pass
+        hint = (f"steps that pass the checks: {', '.join(map(str, good))} (pick one with {step_flag} N)" if good else
+                f"no other complete step in {checkpoint_dir} passes the checks: restore the file or train again")
+        raise NanochatError(f"{e}; {hint}") from None
+
+
 # -----------------------------------------------------------------------------
 # Loading
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """(model_state, optimizer_states or None, meta) of one complete step. Tensors come back on `device`;
-    bf16 weights loaded onto the CPU are converted to fp32."""
+def load_weights(ckpt, device="cpu"):
+    """The state dict of a validated step, on `device`; bf16 weights loaded onto the CPU become fp32."""
     import torch
     from safetensors.torch import load_file
-    step_dir = _step_dir(checkpoint_dir, step)
-    meta = read_json(os.path.join(step_dir, "meta.json"), "checkpoint meta")
-    device = torch.device(device)
-    state = load_file(os.path.join(step_dir, "model.safetensors"), device="cpu")
-    for alias, src in (meta.get("tied_weights") or {}).items():
+    path = ckpt.path(WEIGHTS)
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as e:
+        raise NanochatError(f"checkpoint weights are truncated or corrupt ({e.__class__.__name__}: {e}): "
+                            f"{path}") from None
+    for alias, src in (ckpt.meta.get("tied_weights") or {}).items():
         state[alias] = state[src]
+    device = torch.device(device)
     for k, v in state.items():
         if device.type == "cpu" and v.dtype == torch.bfloat16:
             v = v.float()
         state[k] = v.to(device)
-    optim = None
-    if load_optimizer:
-        path = os.path.join(step_dir, f"optim_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise NanochatError(f"optimizer state {path} not found: the checkpoint was saved with world size "
-                                f"{meta.get('world_size', '?')}; resume with the same number of processes")
-        optim = torch.load(path, map_location=device, weights_only=False)
-    return state, optim, meta
+    return state
+
+
+def load_optimizer_states(ckpt, rank=0, device="cpu", mmap=False):
+    """This rank's list of optimizer state dicts; a truncated or corrupt file is a NanochatError naming it."""
+    import torch
+    path = ckpt.path(optimizer_filename(rank))
+    if not os.path.exists(path):
+        raise NanochatError(_missing_optimizer(path, ckpt.meta))
+    try:
+        states = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except Exception as e:
+        reason = str(e).splitlines()[0].split(". ")[0][:120] if str(e) else ""  # torch's first sentence says it
+        raise NanochatError(f"optimizer state is truncated or corrupt ({e.__class__.__name__}: {reason}): "
+                            f"{path}") from None
+    if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+        raise NanochatError(f"optimizer state is not a list of optimizer state dicts: {path}")
+    return states
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, verify=None):
+    """(model_state, optimizer_states or None, meta) of one complete step, validated first. Tensors come back
+    on `device`; bf16 weights loaded onto the CPU are converted to fp32."""
+    ckpt = open_checkpoint(checkpoint_dir, step, verify, optimizer_rank=rank if load_optimizer else None)
+    state = load_weights(ckpt, device)
+    optim = load_optimizer_states(ckpt, rank, device) if load_optimizer else None
+    return state, optim, ckpt.meta
 
 
 def _resolve_device(device):
@@ -346,34 +566,33 @@ def _resolve_device(device):
     return torch.device(device)
 
 
-def build_model(checkpoint_dir, step, device, phase="eval"):
-    """(model, tokenizer, meta) from one step, validated before the model is built."""
+def model_from(ckpt, device, phase="eval"):
+    """A GPT built from a validated step: on the meta device first, then materialised on `device` and loaded."""
     import torch
     from nanochat.gpt import GPT
-    from nanochat.tokenizer import load_tokenizer
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be eval or train, got {phase!r}")
     device = _resolve_device(device)
-    step_dir = _step_dir(checkpoint_dir, step)
-    meta = read_json(os.path.join(step_dir, "meta.json"), "checkpoint meta")
-    tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer"))
-    config = make_config(meta, step_dir)
-    validate_checkpoint(step_dir, meta, tokenizer, config)
-    state, _, meta = load_checkpoint(checkpoint_dir, step, "cpu")
+    state = load_weights(ckpt, "cpu")
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(ckpt.config)
     model.to_empty(device=device)
-    if config.tie_embeddings:  # to_empty materialises each parameter on its own, which unties them
+    if ckpt.config.tie_embeddings:  # to_empty materialises each parameter on its own, which unties them
         model.lm_head.weight = model.transformer.wte.weight
     model.init_weights()  # fills non-persistent buffers (rotary tables); the weights are overwritten next
     model.load_state_dict(state, strict=True)
     model.train() if phase == "train" else model.eval()
-    return model, tokenizer, meta
+    return model
 
 
-def load_model(source, device=None, phase="eval", model_tag=None, step=None):
-    """(model, tokenizer, meta) from <base>/<source's checkpoints>/<tag>/step_N: tag defaults to the most
-    recently modified one, step to the newest complete one."""
+def build_model(checkpoint_dir, step, device, phase="eval", verify=None, step_flag="--step"):
+    """(model, tokenizer, meta) from one step (None: the newest complete one), validated before the model is built."""
+    ckpt = open_checkpoint(checkpoint_dir, step, verify, step_flag=step_flag)
+    return model_from(ckpt, device, phase), ckpt.tokenizer, ckpt.meta
+
+
+def tag_dir(source, model_tag=None):
+    """<base>/<source's checkpoints>/<tag>: tag defaults to the most recently modified one."""
     root = checkpoints_root(source)
     stage = STAGE_SCRIPTS[source]
     if model_tag is None:
@@ -384,28 +603,123 @@ def load_model(source, device=None, phase="eval", model_tag=None, step=None):
     if not os.path.isdir(checkpoint_dir):
         tags = sorted(d for d in os.listdir(root) if not d.startswith(".")) if os.path.isdir(root) else []
         raise NanochatError(f"no {source} checkpoint tag {model_tag!r} in {root} (have: {tags or 'none'}); run `python -m {stage}` first")
-    if step is None:
-        if not list_complete_steps(checkpoint_dir):
-            raise NanochatError(f"no complete {source} checkpoint in {checkpoint_dir}; run `python -m {stage}` first")
-        step = find_last_step(checkpoint_dir)
-    return build_model(checkpoint_dir, step, device, phase)
+    if not list_complete_steps(checkpoint_dir):
+        raise NanochatError(f"no complete {source} checkpoint in {checkpoint_dir}{_partial_note(checkpoint_dir)}; "
+                            f"run `python -m {stage}` first")
+    return checkpoint_dir
 
 
-def start_or_resume(stage, source, device, rank=0, resume=False, model_tag=None, step=None, output_tag=None):
+def load_model(source, device=None, phase="eval", model_tag=None, step=None, verify=None):
+    """(model, tokenizer, meta) from <base>/<source's checkpoints>/<tag>/step_N: tag defaults to the most
+    recently modified one, step to the newest complete one."""
+    return build_model(tag_dir(source, model_tag), step, device, phase, verify)
+
+
+# -----------------------------------------------------------------------------
+# Resuming: continue the run that was saved, with its own arguments
+
+def parse_args_noting_explicit(parser, argv=None):
+    """(args, names of the flags given on the command line). argparse fills in a default only for a name the
+    namespace does not have yet, so parsing into one pre-filled with a sentinel leaves the flags not given at it."""
+    defaults = vars(parser.parse_args([]))
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in defaults}))
+    explicit = {k for k, v in vars(probe).items() if v is not unset}
+    return argparse.Namespace(**{k: (defaults[k] if v is unset else v) for k, v in vars(probe).items()}), explicit
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def continue_run_args(args, explicit, meta, where, may_change=(), runtime=()):
+    """The arguments of a resumed run: the run's own (the checkpoint meta's train_args), except `runtime` flags
+    (always this invocation's: device, tags, ...) and the `may_change` flags the user gave (applied and logged).
+    Any other flag given with a value different from the run's would silently change the run: it is refused
+    unless args.override_args."""
+    saved = meta.get("train_args")
+    if not isinstance(saved, dict) or not saved:
+        print0(f"note: {where} records no training arguments (an older checkpoint); the flags are used as given")
+        return args
+    merged = dict(vars(args))
+    override = getattr(args, "override_args", False)
+    changed, refused = [], []
+    for key, run_value in saved.items():
+        if key not in merged or key in runtime:
+            continue
+        if key not in explicit or merged[key] == run_value:
+            merged[key] = run_value
+        elif key in may_change or override:
+            changed.append(f"{_flag(key)} {run_value} -> {merged[key]}")
+        else:
+            refused.append(f"{_flag(key)} {merged[key]} (the run used {run_value})")
+    if refused:
+        raise NanochatError(f"--resume continues the run saved in {where}, but {', '.join(refused)} would change it; "
+                            f"drop {'that flag' if len(refused) == 1 else 'those flags'}, "
+                            f"or add --override-args to change the run")
+    print0(f"resume: continuing the run saved in {where} with its own arguments"
+           + (f"; changed: {', '.join(changed)}" if changed else ""))
+    return argparse.Namespace(**merged)
+
+
+def resume_dir(stage, tag=None):
+    """Where `--resume` of a post-training stage continues: <stage's folder>/<tag or the newest tag>."""
+    root = checkpoints_root(stage)
+    tag = tag or find_latest_tag(root)
+    checkpoint_dir = os.path.join(root, tag or "?")
+    if tag is None or not (list_complete_steps(checkpoint_dir) or incomplete_steps(checkpoint_dir)):
+        which = f"tagged {tag!r} " if tag else ""
+        raise NanochatError(f"--resume: no {stage} checkpoint {which}in {root}; run without --resume first")
+    return checkpoint_dir
+
+
+def start_or_resume(stage, source, device, rank=0, resume=False, model_tag=None, step=None, output_tag=None,
+                    resume_step=None, verify=None):
     """Where a post-training stage (mid|sft|rl) starts. Fresh: `source`'s checkpoint (tag/step default:
     the newest), saving under <stage's folder>/<output_tag or model_tag or d{n_layer}>. With `resume`:
-    this stage's own newest complete checkpoint, its meta and this rank's optimizer state.
+    this stage's own checkpoint (resume_step, default the newest complete one), its meta and this rank's
+    optimizer state, through the validated load path.
     Returns (model, tokenizer, resume_meta or None, optimizer_states or None, checkpoint_dir, start_step)."""
-    root = checkpoints_root(stage)
     if resume:
-        tag = output_tag or model_tag or find_latest_tag(root)
-        checkpoint_dir = os.path.join(root, tag or "?")
-        if tag is None or not list_complete_steps(checkpoint_dir):
-            raise NanochatError(f"--resume: no complete {stage} checkpoint in {root}; run without --resume first")
-        start_step = find_last_step(checkpoint_dir)
-        model, tokenizer, meta = build_model(checkpoint_dir, start_step, device, phase="train")
-        _, optimizer_states, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
-        return model, tokenizer, meta, optimizer_states, checkpoint_dir, start_step
-    model, tokenizer, _ = load_model(source, device, phase="train", model_tag=model_tag, step=step)
+        checkpoint_dir = resume_dir(stage, output_tag or model_tag)
+        ckpt = open_checkpoint(checkpoint_dir, resume_step, verify, optimizer_rank=rank, step_flag="--resume-step")
+        model = model_from(ckpt, device, phase="train")
+        optimizer_states = load_optimizer_states(ckpt, rank, device)
+        return model, ckpt.tokenizer, ckpt.meta, optimizer_states, checkpoint_dir, ckpt.step
+    checkpoint_dir = tag_dir(source, model_tag)
+    model, tokenizer, _ = build_model(checkpoint_dir, step, device, phase="train", verify=verify, step_flag="-s/--step")
     tag = output_tag or model_tag or f"d{model.config.n_layer}"
-    return model, tokenizer, None, None, os.path.join(root, tag), 0
+    return model, tokenizer, None, None, os.path.join(checkpoints_root(stage), tag), 0
+
+
+def resumed_run_args(stage, args, explicit, may_change, runtime):
+    """For a post-training stage's --resume: the run's own arguments from the checkpoint it continues
+    (tag: --output-tag, -g or the newest; step: --resume-step or the newest complete one, pinned in
+    args.resume_step). A checkpoint whose meta cannot be read is left to start_or_resume, which reports it
+    with the steps that pass."""
+    checkpoint_dir = resume_dir(stage, args.output_tag or args.model_tag)
+    args.resume_step = step = choose_step(checkpoint_dir, args.resume_step)
+    try:
+        meta = read_meta(checkpoint_dir, step)
+    except NanochatError:
+        return args
+    where = os.path.join(checkpoint_dir, step_dirname(step))
+    return continue_run_args(args, explicit, meta, where, may_change, runtime)
+
+
+def checkpoints_trained_with(fingerprint):
+    """Every complete step directory (all stages, all tags) whose meta records this tokenizer fingerprint."""
+    found = []
+    for stage in STAGE_DIRS:
+        root = checkpoints_root(stage)
+        for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            for step in list_complete_steps(os.path.join(root, tag)):
+                step_dir = os.path.join(root, tag, step_dirname(step))
+                try:
+                    with open(os.path.join(step_dir, META), "r", encoding="utf-8") as f:
+                        recorded = json.load(f).get("tokenizer_fingerprint")
+                except (OSError, ValueError, AttributeError):
+                    continue  # an unreadable meta is doctor's to report
+                if recorded == fingerprint:
+                    found.append(step_dir)
+    return found

@@ -17,22 +17,22 @@ by blank lines. centered = (accuracy - baseline) / (1 - baseline); CORE = mean o
 
 import csv
 import fcntl
-import http.client
 import json
 import os
 import random
 import shutil
 import tempfile
 import time
-import urllib.request
 import zipfile
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import NanochatError, get_base_dir
+from nanochat.download import RetryableError, download_file
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+EVAL_BUNDLE_URL_ENV = "NANOCHAT_EVAL_BUNDLE_URL"
 
 
 # -----------------------------------------------------------------------------
@@ -42,25 +42,20 @@ def _is_bundle(path):
     return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isdir(os.path.join(path, "eval_data"))
 
 
-def _download(url, dest, retries, backoff, timeout):
-    last = None
-    for attempt in range(1, retries + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
-                shutil.copyfileobj(r, f, 1 << 20)
-            if not zipfile.is_zipfile(dest):
-                raise OSError("not a zip file (truncated or an error page)")
-            return
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError/HTTPError/timeouts are OSErrors
-            last = e
-            if attempt < retries:
-                time.sleep(backoff * 2 ** (attempt - 1))
-    raise NanochatError(f"could not download the eval bundle from {url} after {retries} tries ({last}); "
-                        f"check the network or pass --skip-core")
+def _check_zip(path):
+    if not zipfile.is_zipfile(path):
+        raise RetryableError("not a zip file (truncated or an error page)")
 
 
-def ensure_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=4, backoff=1.0, timeout=60):
-    """Path of the extracted bundle under <base>/eval_bundle, downloading it first if needed."""
+def eval_bundle_url():
+    """$NANOCHAT_EVAL_BUNDLE_URL (a mirror or a local server), else the public bundle."""
+    return os.environ.get(EVAL_BUNDLE_URL_ENV) or EVAL_BUNDLE_URL
+
+
+def ensure_eval_bundle(url=None, base_dir=None, retries=4, backoff=1.0, timeout=60):
+    """Path of the extracted bundle under <base>/eval_bundle, downloading it first if needed
+    (resumable: an interrupted download continues from <base>/.eval_bundle.zip.partial)."""
+    url = url or eval_bundle_url()
     base_dir = base_dir or get_base_dir()
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     if _is_bundle(bundle_dir):
@@ -71,10 +66,11 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=4, backoff=1.
         try:
             if _is_bundle(bundle_dir):
                 return bundle_dir
+            archive = os.path.join(base_dir, ".eval_bundle.zip")
+            download_file(url, archive, check=_check_zip, retries=retries, backoff=backoff, timeout=timeout,
+                          hint="check --eval-bundle-url / NANOCHAT_EVAL_BUNDLE_URL, or pass --skip-core")
             work = tempfile.mkdtemp(prefix=".eval_bundle.", dir=base_dir)
             try:
-                archive = os.path.join(work, "eval_bundle.zip")
-                _download(url, archive, retries, backoff, timeout)
                 extracted = os.path.join(work, "x")
                 try:
                     with zipfile.ZipFile(archive) as z:
@@ -89,6 +85,7 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=4, backoff=1.
                         raise NanochatError(f"the archive from {url} has no core.yaml + eval_data/; is it the DCLM eval bundle?")
                 shutil.rmtree(bundle_dir, ignore_errors=True)
                 os.rename(root, bundle_dir)
+                os.remove(archive)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         finally:

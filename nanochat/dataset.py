@@ -9,12 +9,14 @@ Three ways to fill that directory, and one to encode it (`python -m nanochat.dat
 
     python -m nanochat.dataset --embedded      # offline: ~30 MB of this Python's stdlib sources and docs
     python -m nanochat.dataset -n 8            # download FineWeb-Edu train shards 0..7 + the val shard (the last)
+    HF_ENDPOINT=https://hf-mirror.example python -m nanochat.dataset -n 8   # the same through a hub mirror
     python -m nanochat.dataset --from-files a.txt b.jsonl c.parquet   # .txt: blank-line separated documents
     python -m nanochat.dataset --pretokenize   # token ids -> <base>/base_data_tok/<fingerprint[:16]>/
 
-Downloads run in parallel, retry with exponential backoff, resume `<shard>.partial` files with
-HTTP Range requests, and rename a shard into place only after it reads back as parquet with a
-`text` column. Converted and embedded corpora are written to a staging folder and moved in
+Downloads come from the hub dataset through huggingface_hub (resume, retries, HF_TOKEN, HF_ENDPOINT
+for a mirror), or with `--base-url` from a plain URL folder through nanochat.download (resumable,
+retried). They run in parallel, and a shard is renamed into place only after it reads back as
+parquet with a `text` column. Converted and embedded corpora are written to a staging folder and moved in
 only when complete, so a failure never leaves half a corpus behind.
 
 Readers: `list_parquet_files`, `parquets_iter_batched` / `iter_row_groups` (row groups by rank,
@@ -25,7 +27,6 @@ tokenizer fingerprint and vocab size).
 
 import concurrent.futures
 import contextlib
-import http.client
 import itertools
 import os
 import random
@@ -35,13 +36,13 @@ import sys
 import sysconfig
 import threading
 import time
-import urllib.error
-import urllib.request
 
 from nanochat.common import (ArgumentParser, NanochatError, atomic_path, atomic_write_json, format_duration, get_base_dir,
                              iter_jsonl, read_json, read_utf8_text)
+from nanochat.download import DownloadStopped, RetryableError, download_file
 
-DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+DEFAULT_REPO_ID = "karpathy/fineweb-edu-100b-shuffle"  # a hub dataset repo of shard_XXXXX.parquet files
+DEFAULT_REVISION = "main"
 DEFAULT_NUM_SHARDS_TOTAL = 1823  # shard_00000 .. shard_01822; the last one is the validation shard
 SHARD_PREFIX = "shard_"
 MANIFEST_NAME = "manifest.json"
@@ -468,14 +469,6 @@ class Progress:
             print(flush=True)
 
 
-class RetryableError(Exception):
-    pass
-
-
-class DownloadStopped(BaseException):
-    """Raised inside a worker after Ctrl-C, so it stops between chunks (its .partial stays for resume)."""
-
-
 def check_parquet_shard(path):
     """Raise RetryableError unless `path` is a parquet file with a readable `text` column."""
     import pyarrow.parquet as pq
@@ -491,81 +484,54 @@ def check_parquet_shard(path):
         raise RetryableError(f"not a readable parquet file ({e.__class__.__name__}: {str(e)[:100]})") from None
 
 
-def fetch_to_partial(url, partial, timeout, progress, stop):
-    """Fetch `url` into `partial`, continuing from its current size with an HTTP Range request.
-    A server that ignores Range (200 instead of 206) gets the file from the start."""
-    offset = os.path.getsize(partial) if os.path.exists(partial) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:  # our partial is already as long as (or longer than) the file
-            os.remove(partial)
-            raise RetryableError("range not satisfiable; restarting from scratch") from None
-        if 400 <= e.code < 500 and e.code not in (408, 429):
-            raise NanochatError(f"{url} answered HTTP {e.code} {e.reason}; check --base-url and --num-shards-total") from None
-        raise RetryableError(f"HTTP {e.code} {e.reason}") from None
-    with response:
-        if offset and response.status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            if not content_range.startswith(f"bytes {offset}-"):
-                os.remove(partial)  # we cannot trust how the pieces fit: start over
-                raise RetryableError(f"server sent the wrong range ({content_range!r})")
-            mode = "ab"
-        else:
-            offset, mode = 0, "wb"  # the server sent the whole file
-        length = response.headers.get("Content-Length")
-        expected = offset + int(length) if length is not None else None
-        written = offset
-        try:
-            with open(partial, mode) as f:
-                while True:
-                    chunk = response.read(1 << 20)
-                    if not chunk:
-                        break
-                    if stop.is_set():
-                        raise DownloadStopped()
-                    f.write(chunk)
-                    written += len(chunk)
-                    progress.add_bytes(len(chunk))
-        except OSError as e:
-            if e.errno == 28:  # ENOSPC
-                raise NanochatError(f"disk full while downloading {partial}; free some space and run again "
-                                    f"(the download resumes where it stopped)") from None
-            raise
-    if expected is not None and written < expected:
-        raise RetryableError(f"connection closed after {written} of {expected} bytes")
-
-
-def download_shard(index, base_url, data_dir, retries, backoff, timeout, progress, stop):
-    """Download one shard to its final name, or raise NanochatError. The final name only ever
-    holds a file that passed check_parquet_shard; unfinished bytes live in `<name>.partial`."""
+def download_shard_url(index, base_url, data_dir, retries, backoff, timeout, progress, stop):
+    """One shard from a plain URL folder (`--base-url`), with the shared resumable downloader."""
     name = shard_name(index)
-    final = os.path.join(data_dir, name)
-    partial = final + ".partial"
-    url = f"{base_url.rstrip('/')}/{name}"
+    download_file(f"{base_url.rstrip('/')}/{name}", os.path.join(data_dir, name), check=check_parquet_shard,
+                  retries=retries, backoff=backoff, timeout=timeout, on_bytes=progress.add_bytes, stop=stop,
+                  hint="check --base-url and --num-shards-total")
+    progress.shard_done(name)
+
+
+def download_shard_hub(index, repo_id, revision, data_dir, retries, backoff, timeout, progress, stop):
+    """One shard from a hub dataset repo via huggingface_hub (resume, retries, HF_TOKEN, HF_ENDPOINT mirrors,
+    its faster transfer backends). It lands in <data_dir>/.hub/ (huggingface_hub's own bookkeeping and
+    .incomplete files live there too) and moves to its shard name only once it reads back as parquet."""
+    import huggingface_hub
+    from huggingface_hub import errors
+    missing = (getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError),  # older hubs: one class
+               errors.RepositoryNotFoundError, errors.RevisionNotFoundError)
+    name = shard_name(index)
+    staging = os.path.join(data_dir, ".hub")
     last_error = None
     for attempt in range(retries + 1):
         if attempt and stop.wait(backoff * 2 ** (attempt - 1)):
             raise DownloadStopped()
         try:
-            fetch_to_partial(url, partial, timeout, progress, stop)
+            path = huggingface_hub.hf_hub_download(repo_id, name, repo_type="dataset", revision=revision,
+                                                   local_dir=staging, etag_timeout=timeout, force_download=attempt > 0)
             try:
-                check_parquet_shard(partial)
+                check_parquet_shard(path)
             except RetryableError:
-                os.remove(partial)  # corrupt bytes cannot be resumed: start over
+                os.remove(path)  # corrupt bytes: fetch it again from scratch
                 raise
-            os.replace(partial, final)
+            size = os.path.getsize(path)
+            os.replace(path, os.path.join(data_dir, name))
+            progress.add_bytes(size)
             progress.shard_done(name)
             return
+        except missing as e:  # (a gated repo without HF_TOKEN is a RepositoryNotFoundError too)
+            raise NanochatError(f"the hub has no {name} in dataset {repo_id}@{revision} ({e.__class__.__name__}); "
+                                f"check --repo-id, --num-shards-total, HF_TOKEN and HF_ENDPOINT") from None
         except RetryableError as e:
             last_error = str(e)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-            # refused, reset, DNS failure, timeout: worth another try
-            last_error = f"{e.__class__.__name__}: {getattr(e, 'reason', e)}"
-        except http.client.HTTPException as e:  # IncompleteRead, RemoteDisconnected, BadStatusLine, ...
-            last_error = f"{e.__class__.__name__}: {e}"
-    raise NanochatError(f"could not download {name} after {retries + 1} attempts (last: {last_error}); "
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                raise NanochatError(f"disk full while downloading {name}; free some space and run again") from None
+            last_error = f"{e.__class__.__name__}: {str(e)[:200]}"
+        except Exception as e:  # huggingface_hub's HTTP and connection errors: worth another try
+            last_error = f"{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    raise NanochatError(f"could not download {name} from {repo_id} after {retries + 1} attempts (last: {last_error}); "
                         f"run the same command again to resume")
 
 
@@ -582,10 +548,19 @@ def shards_to_download(num_shards, num_shards_total):
     return list(range(num_shards)) + [num_shards_total - 1]
 
 
-def download(num_shards, data_dir, base_url=DEFAULT_BASE_URL, num_shards_total=DEFAULT_NUM_SHARDS_TOTAL,
-             workers=4, retries=5, backoff=2.0, timeout=60.0, overwrite=False):
+def download(num_shards, data_dir, repo_id=DEFAULT_REPO_ID, revision=DEFAULT_REVISION, base_url=None,
+             num_shards_total=DEFAULT_NUM_SHARDS_TOTAL, workers=4, retries=5, backoff=2.0, timeout=60.0,
+             overwrite=False):
+    """Shards from the hub dataset `repo_id` (via huggingface_hub), or from a plain URL folder if `base_url`."""
     indices = shards_to_download(num_shards, num_shards_total)
-    source = {"source": "download", "base_url": base_url.rstrip("/"), "num_shards_total": num_shards_total}
+    if base_url:
+        source = {"source": "download", "base_url": base_url.rstrip("/"), "num_shards_total": num_shards_total}
+        fetch, where = download_shard_url, (base_url,)
+    else:
+        source = {"source": "download", "repo_id": repo_id, "num_shards_total": num_shards_total}
+        fetch, where = download_shard_hub, (repo_id, revision)
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()  # our one progress line instead of a bar per worker
     guard_download_target(data_dir, source, overwrite)
     os.makedirs(data_dir, exist_ok=True)
     todo = [i for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
@@ -595,8 +570,7 @@ def download(num_shards, data_dir, base_url=DEFAULT_BASE_URL, num_shards_total=D
     failures, stop = [], threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        futures = [pool.submit(download_shard, i, base_url, data_dir, retries, backoff, timeout, progress, stop)
-                   for i in todo]
+        futures = [pool.submit(fetch, i, *where, data_dir, retries, backoff, timeout, progress, stop) for i in todo]
         pending = set(futures)
         while pending:  # wake up every second to redraw the progress line
             _, pending = concurrent.futures.wait(pending, timeout=1.0)
@@ -633,7 +607,8 @@ def guard_download_target(data_dir, source, overwrite):
     same = all(old.get(k) == v for k, v in source.items())
     if same:
         return
-    what = old.get("source") if old.get("source") != "download" else f"download from {old.get('base_url')}"
+    what = old.get("source") if old.get("source") != "download" else \
+        f"download from {old.get('repo_id') or old.get('base_url')}"
     if not overwrite:
         raise NanochatError(f"{data_dir} holds another corpus ({what}); pass --overwrite to replace it, "
                             f"or choose another --data-dir")
@@ -792,7 +767,11 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace shards / pre-tokenized files already there")
     # downloading
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="URL folder that holds shard_XXXXX.parquet")
+    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID,
+                        help="hub dataset repo of the shards (set HF_ENDPOINT for a mirror)")
+    parser.add_argument("--revision", default=DEFAULT_REVISION, help="branch, tag or commit of --repo-id")
+    parser.add_argument("--base-url", default=None,
+                        help="instead of the hub: a plain URL folder with shard_XXXXX.parquet")
     parser.add_argument("--num-shards-total", type=int, default=DEFAULT_NUM_SHARDS_TOTAL,
                         help="shards in the remote set; the last is the validation shard")
     parser.add_argument("--retries", type=int, default=5, help="retries per shard")
@@ -822,7 +801,8 @@ def main(argv=None):
     elif args.num_shards is not None:
         if args.retries < 0 or args.backoff < 0 or args.workers < 1:
             raise NanochatError("--retries and --backoff must be >= 0 and --workers >= 1")
-        download(args.num_shards, data_dir, base_url=args.base_url, num_shards_total=args.num_shards_total,
+        download(args.num_shards, data_dir, repo_id=args.repo_id, revision=args.revision, base_url=args.base_url,
+                 num_shards_total=args.num_shards_total,
                  workers=args.workers, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
                  overwrite=args.overwrite)
     elif args.pretokenize:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from nanochat import fast_decode
 from nanochat.common import NanochatError
-from nanochat.execution import eval_calculator
+from nanochat.calculator import eval_calculator
 
 
 # -----------------------------------------------------------------------------
@@ -200,20 +200,23 @@ class RowState:
 # The engine
 
 class Engine:
-    def __init__(self, model, tokenizer, weights_dtype=None):
-        """weights_dtype (e.g. torch.bfloat16): decode with a copy of the weights in that dtype
+    def __init__(self, model, tokenizer, tools=True, weights_dtype=None):
+        """tools=False: python blocks are plain tokens, never run (raw continuation of a text
+        must match the model's own greedy output, with nothing forced into it).
+        weights_dtype (e.g. torch.bfloat16): decode with a copy of the weights in that dtype
         (see fast_decode); None decodes with the model's own precision."""
         self.model = model
         self.tokenizer = tokenizer
         enc = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = enc("<|assistant_end|>")
-        self.python_start = enc("<|python_start|>")
-        self.python_end = enc("<|python_end|>")
+        self.python_start = enc("<|python_start|>") if tools else None
+        self.python_end = enc("<|python_end|>") if tools else None
         self.output_start = enc("<|output_start|>")
         self.output_end = enc("<|output_end|>")
         # ids that need the per-row state machine; any other step takes the fast path
-        self.watched = frozenset((self.bos, self.assistant_end, self.python_start, self.python_end))
+        tool_ids = (self.python_start, self.python_end) if tools else ()
+        self.watched = frozenset((self.bos, self.assistant_end) + tool_ids)
         if self.device.type == "cpu":
             # reuse freed heap memory instead of fresh mmap()s for every (B, vocab) temporary
             from nanochat.gpt import configure_cpu_allocator

@@ -1,52 +1,46 @@
 """
-Running code the model wrote, without trusting it.
+Running code the model wrote (HumanEval completions), without trusting it.
 
-Two entry points:
-- `execute_code(code, timeout, maximum_memory_bytes)` runs a whole Python program (HumanEval
-  completions) in a separate, throw-away process and returns an `ExecutionResult`.
-- `eval_calculator(expr)` evaluates the engine's tool calls (`<|python_start|>2*3<|python_end|>`):
-  arithmetic and a few string methods only, checked against an AST whitelist, in-process and fast.
+`execute_code(code, timeout, maximum_memory_bytes)` runs a whole Python program in a fresh, throw-away
+process and returns an `ExecutionResult`. (The engine's calculator tool is nanochat.calculator.)
 
-How `execute_code` contains a program (several independent layers, so one failing is not the end):
-1. Process: a fresh `python -I` (no user site, no PYTHON* env vars) in a new session/process group,
-   with a minimal environment, stdin closed, and only its three pipes open. The parent enforces a
-   wall-clock deadline and kills the whole process group with SIGKILL, which no handler can catch.
-2. OS limits set by the child's bootstrap before any user code runs (hard == soft, so they cannot be
-   raised again): RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NPROC (no new processes for
-   unprivileged users), RLIMIT_NOFILE, RLIMIT_CORE=0.
-3. Network: when `unshare -n` works (root, or `unshare -rn` with user namespaces) the child runs in an
-   empty network namespace: there is no interface to talk to, whatever the code does.
-4. Privileges: when the host runs as root and the Python installation is readable by everybody, the
-   child drops to the `nobody` user, so the kernel itself refuses writes outside its own directory.
-5. An audit hook (PEP 578), installed by the bootstrap before user code: every open for writing outside
-   the temporary working directory, every file removal/rename/chmod outside it, reads outside the
-   Python installation and the working directory, sockets, subprocesses, exec/spawn/fork, kill,
-   ctypes, resource limits, gc introspection (the way to reach the hook itself), and imports of
-   process/network/FFI modules end the process at once with exit code 86 and a one-line
-   "sandbox violation" on stderr. It cannot be caught by the user code, removed, or bypassed by
-   tampering with builtins, since hooks run inside the interpreter's C functions; the hook itself only
-   uses values bound at definition time, and re-binding a function's code or defaults is a violation.
-6. Output is read by the parent with a cap (64 KB per stream); a program that writes more is killed.
+Containment, outermost first:
+1. The kernel (nanochat.sandbox, nanochat/sandbox_child.py): before any byte of the program runs, the
+   child confines itself: resource limits; user, mount and network namespaces with read-only mounts and a
+   small tmpfs as its working directory; no capabilities, no new privileges; Landlock (reads only in
+   the Python installation and its directory, writes only in its directory); a seccomp-bpf allow-list
+   (threads but no processes, signals only to itself, no exec, ptrace, sockets, mounts, ...). This holds
+   whatever the program does, including loading any C extension or calling libc through ctypes. If the
+   host cannot set it up, execute_code raises SandboxUnavailable instead of running the program (unless
+   nanochat.sandbox.allow_unsafe_execution() was called: the scripts' --unsafe-execution).
+2. An audit hook (PEP 578) in the child, as a second line that gives clear messages: process, socket,
+   ctypes, writes or reads outside, ... end the program at once with exit code 86 and a one-line
+   "sandbox violation" on stderr.
+3. This process: a wall-clock deadline after which the child's whole process group gets SIGKILL, and
+   output read with a cap (64 KB per stream by default; a program that writes more is killed).
 The working directory is a fresh temporary directory, removed afterwards.
 """
 
-import ast
 import dataclasses
-import functools
 import math
 import os
-import pwd
 import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
+from nanochat import sandbox
+from nanochat.sandbox import SandboxUnavailable, allow_unsafe_execution, sandbox_capabilities
+
+__all__ = ["ExecutionResult", "execute_code", "sandbox_capabilities", "allow_unsafe_execution", "SandboxUnavailable"]
+
 VIOLATION_EXIT_CODE = 86
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
+DISK_BYTES = 64 * 1024 * 1024  # the working directory's tmpfs: all files together
+DISK_INODES = 4096
 
 
 @dataclasses.dataclass
@@ -71,260 +65,6 @@ class ExecutionResult:
         if self.stderr:
             parts.append(f"stderr={self.stderr[-200:]!r}")
         return "ExecutionResult(" + ", ".join(parts) + ")"
-
-
-# -----------------------------------------------------------------------------
-# The bootstrap: the first (trusted) code the child runs. It reads the program from stdin, applies the
-# limits, drops privileges, installs the audit hook, and only then executes the program.
-# argv: workdir cpu_seconds memory_bytes fsize_bytes drop_to_nobody(0/1) read_roots(os.pathsep-joined)
-
-_BOOTSTRAP = r'''
-import sys, os, resource
-def _setup():
-    workdir, cpu, mem, fsize, drop, roots = sys.argv[1:7]
-    code = sys.stdin.buffer.read().decode("utf-8", "replace")
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    sys.stdin = open(0, "r", closefd=False)
-    limits = [(resource.RLIMIT_CPU, int(cpu)), (resource.RLIMIT_AS, int(mem)),
-              (resource.RLIMIT_FSIZE, int(fsize)), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
-    for which, value in limits:
-        resource.setrlimit(which, (value, value))
-    os.chdir(workdir)
-    if drop == "1" and os.geteuid() == 0:
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-        except OSError:
-            pass
-    # no new processes (enforced by the kernel for unprivileged users; the audit hook covers root)
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
-    # signals: the parent kills with SIGKILL, so nothing here is load-bearing, but taking away the
-    # means to ignore SIGXCPU/SIGTERM keeps the CPU limit's polite warning effective too
-    import signal, _signal
-    def _no_signals(*args, **kwargs):
-        raise PermissionError("sandbox: changing signal handling is not allowed")
-    for module in (signal, _signal):
-        for name in ("signal", "siginterrupt", "pthread_sigmask", "setitimer", "alarm", "set_wakeup_fd"):
-            if hasattr(module, name):
-                setattr(module, name, _no_signals)
-    # second layer for process creation: remove the functions themselves
-    for module in (os, sys.modules["posix"]):
-        for name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
-                     "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp",
-                     "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg",
-                     "mkfifo", "mknod", "setuid", "setgid", "setresuid", "setreuid", "chroot"):
-            if hasattr(module, name):
-                delattr(module, name)
-
-    read_roots = tuple(r for r in roots.split(os.pathsep) if r) + (workdir,)
-    blocked_prefixes = ("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
-                        "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.link", "os.symlink",
-                        "signal.pthread_kill", "ctypes.", "resource.setrlimit", "resource.prlimit",
-                        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sqlite3.", "urllib.",
-                        "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.",
-                        "webbrowser.", "pty.", "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags",
-                        "sys._current_frames", "sys.unraisablehook")
-    blocked_modules = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "subprocess", "socket", "_socket",
-                                 "ssl", "_ssl", "multiprocessing", "_multiprocessing", "_posixshmem",
-                                 "pty", "asyncio", "selectors", "select", "mmap", "sqlite3", "_sqlite3",
-                                 "dbm", "_dbm", "_gdbm", "urllib", "http", "ftplib", "smtplib", "webbrowser",
-                                 "concurrent", "_xxsubinterpreters", "_testcapi", "_testinternalcapi",
-                                 "faulthandler", "tracemalloc", "readline"))
-    path_events = {"os.remove": (0, 1), "os.rmdir": (0, 1), "os.mkdir": (0, 2), "os.chmod": (0, 2),
-                   "os.chown": (0, 3), "os.utime": (0, 4), "os.truncate": (0, None),
-                   "os.rename": (0, 2, 3), "os.chdir": (0, None), "shutil.rmtree": (0, 1)}
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    import pathlib, types
-    path_types = (pathlib.PurePosixPath, pathlib.PosixPath)
-
-    def hook(event, args, _workdir=workdir, _roots=read_roots, _blocked=blocked_prefixes,
-             _blocked_modules=blocked_modules, _path_events=path_events, _write_flags=write_flags,
-             _getcwd=os.getcwd, _write=os.write, _exit=os._exit, _str=str, _bytes=bytes, _int=int,
-             _type=type, _function=types.FunctionType, _path_types=path_types, _isdir=os.path.isdir,
-             _stat_isdir=__import__("stat").S_ISDIR, _stat=os.stat, _ostr=repr):
-
-        def violation(what):
-            message = ("sandbox violation: " + what + "\n").encode("utf-8", "replace")
-            try:
-                _write(2, message)
-            finally:
-                _exit(86)
-
-        def as_text(p):
-            # only plain strings/bytes (or pathlib's own types) are trusted: a user-defined
-            # __fspath__ could answer differently here and when the real call converts it
-            t = _type(p)
-            if t is _str:
-                return p
-            if t is _bytes:
-                return _bytes.decode(p, "utf-8", "surrogateescape")
-            if t in _path_types:
-                return _str(p)
-            return None
-
-        def normalize(p):
-            if not p.startswith("/"):
-                p = _getcwd() + "/" + p
-            parts = []
-            for seg in p.split("/"):
-                if seg == "" or seg == ".":
-                    continue
-                if seg == "..":
-                    if parts:
-                        parts.pop()
-                else:
-                    parts.append(seg)
-            return "/" + "/".join(parts)
-
-        def inside(p, root):
-            return p == root or p.startswith(root.rstrip("/") + "/")
-
-        def check_write_path(p, what):
-            text = as_text(p)
-            if text is None:
-                violation(what + " with a path of type " + _type(p).__name__)
-            if not inside(normalize(text), _workdir):
-                violation(what + " outside the sandbox directory: " + _ostr(text))
-
-        if event == "open":
-            path, mode, flags = args
-            if _type(path) is _int:
-                return
-            writing = False
-            if _type(mode) is _str:
-                for ch in "wax+":
-                    if ch in mode:
-                        writing = True
-            if _type(flags) is _int and flags & _write_flags:
-                writing = True
-            if writing:
-                check_write_path(path, "open for writing")
-                return
-            text = as_text(path)
-            if text is None:
-                violation("open with a path of type " + _type(path).__name__)
-            full = normalize(text)
-            if full in ("/dev/null", "/dev/urandom", "/dev/zero"):
-                return
-            for root in _roots:
-                if inside(full, root):
-                    if not inside(full, _workdir):
-                        # a directory handle outside could serve as dir_fd for a write
-                        try:
-                            if _stat_isdir(_stat(full).st_mode):
-                                violation("open of a directory outside the sandbox: " + _ostr(text))
-                        except OSError:
-                            pass
-                    return
-            violation("read outside the sandbox and the Python installation: " + _ostr(text))
-        elif event == "import":
-            name = args[0]
-            if _type(name) is not _str:
-                violation("import of a non-string module name")
-            top = name.split(".")[0]
-            if top in _blocked_modules or name in _blocked_modules:
-                violation("import of " + name)
-            if len(args) > 1 and _type(args[1]) is _str:
-                base = args[1].rsplit("/", 1)[-1].split(".")[0]
-                if base in _blocked_modules:
-                    violation("import of " + base + " as " + name)
-        elif event in _path_events:
-            spec = _path_events[event]
-            # a dir_fd makes a relative path mean some other directory: not allowed
-            for i in spec[1:]:
-                if i is not None and i < len(args) and args[i] is not None and args[i] != -1:
-                    violation(event + " with dir_fd")
-            if event == "os.truncate" and _type(args[0]) is _int:
-                return  # ftruncate on an fd we could only have opened inside
-            if _type(args[0]) is _int:
-                violation(event + " on a file descriptor")
-            check_write_path(args[0], event)
-            if event == "os.rename":
-                check_write_path(args[1], event)
-        elif event == "object.__setattr__":
-            if _type(args[0]) is _function:
-                violation("rebinding " + _str(args[1]) + " of a function")
-        else:
-            for prefix in _blocked:
-                if event.startswith(prefix):
-                    violation(event)
-
-    sys.addaudithook(hook)
-    return code
-
-_code = _setup()
-del _setup
-import types as _types
-_main = _types.ModuleType("__main__")
-_main.__builtins__ = __builtins__
-sys.modules["__main__"] = _main
-_compiled = compile(_code, "<sandbox>", "exec")
-del _code
-exec(_compiled, _main.__dict__)
-'''
-
-
-# -----------------------------------------------------------------------------
-# What the host can offer: network namespaces, privilege drop.
-
-@functools.lru_cache(maxsize=None)
-def _unshare_prefix():
-    """['unshare', '-n', '--'] (or '-rn' for unprivileged users) if that works here, else []."""
-    exe = shutil.which("unshare")
-    if exe is None:
-        return ()
-    flags = ["-n"] if os.geteuid() == 0 else ["-r", "-n"]
-    try:
-        probe = subprocess.run([exe, *flags, "--", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return (exe, *flags, "--") if probe.returncode == 0 else ()
-
-
-def _world_readable(path):
-    """True if user `nobody` could reach `path`: every directory on the way has o+x, the target o+r."""
-    path = os.path.realpath(path)
-    parts = path.split("/")
-    for i in range(2, len(parts) + 1):
-        prefix = "/".join(parts[:i]) or "/"
-        try:
-            mode = os.stat(prefix).st_mode
-        except OSError:
-            return False
-        if not mode & 0o001:
-            return False
-    return bool(os.stat(path).st_mode & 0o004)
-
-
-@functools.lru_cache(maxsize=None)
-def _can_drop_to_nobody():
-    if os.geteuid() != 0:
-        return False
-    try:
-        pwd.getpwuid(65534)
-    except KeyError:
-        return False
-    stdlib = os.path.dirname(os.__file__)
-    return _world_readable(sys.executable) and _world_readable(stdlib)
-
-
-def _read_roots():
-    """Where the sandboxed program may read: the Python installation and its import path."""
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    for p in sys.path:
-        if p and os.path.isabs(p):
-            roots.add(p)
-    roots.add("/usr/share/zoneinfo")
-    roots.add(os.path.dirname(os.__file__))
-    return os.pathsep.join(sorted(os.path.realpath(r) for r in roots))
-
-
-def sandbox_capabilities():
-    """Which OS-level layers are active on this host (for logs and the report)."""
-    return {"network_namespace": bool(_unshare_prefix()), "drop_to_nobody": _can_drop_to_nobody()}
 
 
 # -----------------------------------------------------------------------------
@@ -356,22 +96,24 @@ def _summarize_error(returncode, stderr_text):
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024,
                  max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES, max_file_bytes=16 * 1024 * 1024):
     """Run the Python program `code` in the sandbox (see the module docstring) and report how it went.
-    success is True only if it exited 0 within the limits and did not trip the sandbox."""
+    success is True only if it exited 0 within the limits and did not trip the sandbox.
+    Raises SandboxUnavailable when this host cannot confine it (and unsafe execution was not allowed)."""
+    return _execute(code, timeout, maximum_memory_bytes, max_output_bytes, max_file_bytes)
+
+
+def _execute(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES,
+             max_file_bytes=16 * 1024 * 1024, audit_hook=True):
+    """execute_code, with the audit hook optional: the attack tests switch it off to show that the
+    kernel alone holds."""
+    layers = sandbox.layers_for_untrusted_code()
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat_exec_"))
-    drop = _can_drop_to_nobody()
     try:
-        if drop:
-            os.chown(workdir, 65534, 65534)
-        cpu_seconds = max(1, int(math.ceil(timeout)) + 1)
         memory = int(maximum_memory_bytes) if maximum_memory_bytes else 4 * 1024 ** 3
-        cmd = [*_unshare_prefix(), sys.executable, "-I", "-X", "utf8", "-c", _BOOTSTRAP,
-               workdir, str(cpu_seconds), str(memory), str(int(max_file_bytes)), "1" if drop else "0",
-               _read_roots()]
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=workdir, env=env, start_new_session=True, close_fds=True)
+        limits = {"cpu": max(1, int(math.ceil(timeout)) + 1), "memory": memory, "fsize": int(max_file_bytes),
+                  "nofile": 64, "disk": DISK_BYTES, "inodes": DISK_INODES}
+        proc, settings = sandbox.start_child(workdir, limits, layers, audit_hook=audit_hook)
         try:
-            return _supervise(proc, code, timeout, max_output_bytes)
+            result = _supervise(proc, settings + code.encode("utf-8", "replace"), timeout, max_output_bytes)
         finally:
             _kill_group(proc)
             for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -380,6 +122,9 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024,
                 except OSError:
                     pass
             proc.wait()
+        if proc.returncode == sandbox.SETUP_FAILED_EXIT and "sandbox setup failed:" in result.stderr:
+            raise SandboxUnavailable(result.stderr.strip().splitlines()[-1])
+        return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -392,9 +137,9 @@ def _feed_stdin(proc, data):
         pass
 
 
-def _supervise(proc, code, timeout, max_output_bytes):
+def _supervise(proc, data, timeout, max_output_bytes):
     # the program goes in through stdin from a thread, so a huge program cannot block us
-    feeder = threading.Thread(target=_feed_stdin, args=(proc, code.encode("utf-8", "replace")), daemon=True)
+    feeder = threading.Thread(target=_feed_stdin, args=(proc, data), daemon=True)
     feeder.start()
     buffers = {"stdout": bytearray(), "stderr": bytearray()}
     selector = selectors.DefaultSelector()
@@ -450,118 +195,3 @@ def _supervise(proc, code, timeout, max_output_bytes):
     success = returncode == 0 and not (timed_out or overflow)
     return ExecutionResult(success=success, stdout=stdout, stderr=stderr, error=error, timeout=timed_out,
                            memory_exceeded=memory_exceeded, violation=violation)
-
-
-# -----------------------------------------------------------------------------
-# The calculator: the engine's tool. Arithmetic and a few string operations, nothing else.
-
-_ALLOWED_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
-_ALLOWED_UNARY = (ast.UAdd, ast.USub)
-_STR_METHODS = {"count", "upper", "lower", "strip", "replace", "startswith", "endswith", "find", "index",
-                "split", "join", "title", "capitalize", "isdigit", "isalpha"}
-_FUNCTIONS = {"len": len, "abs": abs, "round": round, "min": min, "max": max, "int": int, "float": float,
-              "str": str, "sum": sum}
-_MAX_STR = 10_000
-_MAX_INT_BITS = 4096
-
-
-class _CalculatorRefusal(Exception):
-    pass
-
-
-def _check_size(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
-        raise _CalculatorRefusal("number too large")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _CalculatorRefusal("not finite")
-    if isinstance(value, str) and len(value) > _MAX_STR:
-        raise _CalculatorRefusal("string too long")
-    if isinstance(value, (list, tuple)):
-        if len(value) > _MAX_STR:
-            raise _CalculatorRefusal("list too long")
-        for v in value:
-            _check_size(v)
-    return value
-
-
-def _eval_node(node, deadline):
-    if time.monotonic() > deadline:
-        raise _CalculatorRefusal("time limit")
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body, deadline)
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool):
-            return _check_size(node.value)
-        raise _CalculatorRefusal("constant type")
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return _check_size([_eval_node(e, deadline) for e in node.elts])
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, _ALLOWED_UNARY):
-        v = _eval_node(node.operand, deadline)
-        if not isinstance(v, (int, float)):
-            raise _CalculatorRefusal("unary on non-number")
-        return -v if isinstance(node.op, ast.USub) else +v
-    if isinstance(node, ast.BinOp) and isinstance(node.op, _ALLOWED_BINOPS):
-        a, b = _eval_node(node.left, deadline), _eval_node(node.right, deadline)
-        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-        if isinstance(node.op, ast.Pow):
-            if not numbers or abs(b) > 100 or (isinstance(a, int) and abs(a).bit_length() * abs(b) > _MAX_INT_BITS):
-                raise _CalculatorRefusal("power too large")
-        elif isinstance(node.op, ast.Mult) and not numbers:
-            # "ab" * 3 is allowed, but its size is bounded before it is built
-            count = b if isinstance(a, str) else a
-            text = a if isinstance(a, str) else b
-            if not (isinstance(text, str) and isinstance(count, int)) or len(text) * max(count, 0) > _MAX_STR:
-                raise _CalculatorRefusal("string repetition")
-        elif isinstance(node.op, ast.Add) and not numbers:
-            if not (isinstance(a, str) and isinstance(b, str)):
-                raise _CalculatorRefusal("mixed addition")
-        elif not numbers:
-            raise _CalculatorRefusal("arithmetic on non-numbers")
-        op = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
-              ast.Div: lambda x, y: x / y, ast.FloorDiv: lambda x, y: x // y, ast.Mod: lambda x, y: x % y,
-              ast.Pow: lambda x, y: x ** y}[type(node.op)]
-        return _check_size(op(a, b))
-    if isinstance(node, ast.Call) and not node.keywords:
-        args = [_eval_node(a, deadline) for a in node.args]
-        if isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
-            return _check_size(_FUNCTIONS[node.func.id](*args))
-        if isinstance(node.func, ast.Attribute) and node.func.attr in _STR_METHODS:
-            target = _eval_node(node.func.value, deadline)
-            if not isinstance(target, str):
-                raise _CalculatorRefusal("method on non-string")
-            return _check_size(getattr(target, node.func.attr)(*args))
-        raise _CalculatorRefusal("call")
-    raise _CalculatorRefusal(type(node).__name__)
-
-
-def _format_result(value):
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return f"{value:.10g}"
-    return str(value)
-
-
-def eval_calculator(expr, timeout=1.0):
-    """Evaluate a calculator expression from the model's tool call. Returns the result as a string,
-    or None for anything that is not plain arithmetic / whitelisted string operations, malformed,
-    too big, or too slow. Integral floats print without '.0' (48/2 -> '24'), as GSM8K writes them."""
-    if not isinstance(expr, str) or len(expr) > 1000:
-        return None
-    expr = expr.strip().replace(",", "") if _looks_numeric(expr) else expr.strip()
-    if not expr:
-        return None
-    try:
-        tree = ast.parse(expr, mode="eval")
-        value = _eval_node(tree, time.monotonic() + timeout)
-    except (_CalculatorRefusal, SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError,
-            RecursionError, MemoryError, AttributeError, IndexError):
-        return None
-    return _format_result(value)
-
-
-def _looks_numeric(expr):
-    # thousands separators ("1,200 * 3") are removed only in pure arithmetic, not inside string literals
-    return all(c in "0123456789+-*/().,% " for c in expr)

@@ -14,9 +14,12 @@ Works with NCCL and with gloo (CPU); if a backend lacks reduce_scatter_tensor we
 all_reduce + taking our slice, which is slower but identical.
 """
 
+import logging
+
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # Newton-Schulz orthogonalisation
@@ -222,8 +225,11 @@ def reduce_scatter_sum(out, inp):
     if _REDUCE_SCATTER_OK:
         try:
             return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, async_op=True)
-        except (RuntimeError, NotImplementedError, ValueError):
+        except (RuntimeError, NotImplementedError, ValueError) as e:
             _REDUCE_SCATTER_OK = False
+            if dist.get_rank() == 0:  # said once: every later step takes the slower path silently
+                logger.warning(f"{dist.get_backend()} has no reduce_scatter_tensor ({type(e).__name__}: {e}); "
+                               "sharded optimizers fall back to all_reduce + slice (same result, more traffic)")
     full = inp.clone()
     dist.all_reduce(full, op=dist.ReduceOp.SUM)
     k = out.size(0)

@@ -6,8 +6,8 @@ The report card: every stage logs its metrics and timings here, and `generate` a
 
 Stages call `get_report().log(section="Chat SFT", data=[{...}, ...])` (one markdown file per section,
 rewritten atomically, so re-running a stage replaces its section) and
-`get_report().log_series("base_train_loss", steps, values)` for curves, which `generate` draws as PNGs
-(matplotlib when it is installed, else a small built-in PNG writer). Only rank 0 writes.
+`get_report().log_series("train loss", steps, values)` for curves, which `generate` draws as PNG line plots
+with matplotlib (labelled axes with units: loss against step, val bpb against tokens). Only rank 0 writes.
 
 The summary table has rows CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE
 (plus any other task a chat evaluation logged) and columns BASE, MID, SFT, RL, filled from the logged
@@ -21,12 +21,11 @@ import platform
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import time
-import zlib
 
-from nanochat.common import ArgumentParser, atomic_write_bytes, atomic_write_json, atomic_write_text, get_base_dir, get_rank, run_main
+from nanochat.common import (ArgumentParser, atomic_write_bytes, atomic_write_json, atomic_write_text, get_base_dir,
+                             get_rank, run_main)
 
 SECTION_ORDER = [
     "Tokenizer training", "Tokenizer evaluation", "Tokenizer extension", "Base model training", "Base model loss",
@@ -115,7 +114,8 @@ def hardware_info():
 def dependency_versions():
     from importlib import metadata
     versions = {"python": platform.python_version()}
-    for name in ("torch", "tiktoken", "tokenizers", "datasets", "pyarrow", "numpy", "safetensors", "fastapi"):
+    for name in ("torch", "tiktoken", "tokenizers", "datasets", "pyarrow", "numpy", "safetensors", "fastapi",
+                 "matplotlib"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -163,86 +163,36 @@ def header_markdown(started):
 
 
 # -----------------------------------------------------------------------------
-# A tiny PNG line plot (no dependencies): white canvas, axes, one polyline per series
+# Plots: matplotlib on its non-interactive Agg canvas (no display, no global backend switch)
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-
-
-def png_bytes(width, height, pixels):
-    """pixels: bytearray of width*height*3 RGB -> PNG file bytes."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    rows = b"".join(b"\x00" + bytes(pixels[y * width * 3:(y + 1) * width * 3]) for y in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+LOSS_LABEL = "loss (nats per token)"
 
 
-def plot_png_builtin(series, width=640, height=400):
-    """series: list of (label, xs, ys) -> PNG bytes. Axes are a box; each series a coloured line."""
-    pixels = bytearray(b"\xff" * (width * height * 3))
-    left, right, top, bottom = 50, width - 20, 20, height - 40
-
-    def put(x, y, color):
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            pixels[i:i + 3] = bytes(color)
-
-    def line(x0, y0, x1, y1, color):
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        while True:
-            put(x0, y0, color)
-            put(x0, y0 + 1, color)
-            if x0 == x1 and y0 == y1:
-                break
-            e2 = 2 * err
-            if e2 >= dy:
-                err += dy
-                x0 += sx
-            if e2 <= dx:
-                err += dx
-                y0 += sy
-
-    for x0, y0, x1, y1 in ((left, bottom, right, bottom), (left, top, left, bottom)):
-        line(x0, y0, x1, y1, (0, 0, 0))
-    points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y == y]  # drop NaNs
-    if points:
-        xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
-        ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
-        xspan, yspan = (xmax - xmin) or 1, (ymax - ymin) or 1
-        for k, (_, xs, ys) in enumerate(series):
-            color = PALETTE[k % len(PALETTE)]
-            pts = [(left + round((x - xmin) / xspan * (right - left)), bottom - round((y - ymin) / yspan * (bottom - top)))
-                   for x, y in zip(xs, ys) if y == y]
-            for (ax, ay), (bx, by) in zip(pts, pts[1:]):
-                line(ax, ay, bx, by, color)
-            if len(pts) == 1:
-                line(pts[0][0] - 2, pts[0][1], pts[0][0] + 2, pts[0][1], color)
-    return png_bytes(width, height, pixels)
-
-
-def plot_png(title, series, use_matplotlib=True):
-    if use_matplotlib:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import io
-            import matplotlib.pyplot as plt
-        except ImportError:
-            use_matplotlib = False
-    if not use_matplotlib:
-        return plot_png_builtin(series)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=80)
+def plot_figure(title, series, x_label="step", y_label=LOSS_LABEL):
+    """series: list of (label, xs, ys) -> a matplotlib Figure with one line per series."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+    fig = Figure(figsize=(8, 5), dpi=100, layout="tight")
+    ax = fig.add_subplot()
     for label, xs, ys in series:
-        ax.plot(xs, ys, label=label)
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if series and max((max(xs, default=0) for _, xs, _ in series), default=0) >= 10_000:
+        ax.xaxis.set_major_formatter(EngFormatter())  # 2.5M tokens, not 2500000 or an offset
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(series) > 1:
+        ax.legend()
+    return fig
+
+
+def plot_png(title, series, x_label="step", y_label=LOSS_LABEL):
+    import io
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = plot_figure(title, series, x_label, y_label)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    FigureCanvasAgg(fig).print_png(buf)
     return buf.getvalue()
 
 
@@ -298,13 +248,15 @@ class Report:
         atomic_write_json(os.path.join(self.report_dir, f"{slug}.json"),
                           {"section": section, "metrics": metrics, "time": time.time()})
 
-    def log_series(self, name, steps, values, section=None):
-        """Record a curve (e.g. training loss by step); `name`s sharing a plot group by prefix before ':'."""
+    def log_series(self, name, steps, values, section=None, x_label="step", y_label=LOSS_LABEL):
+        """Record a curve (e.g. training loss by step); `name`s sharing a plot group by prefix before ':'.
+        The axis labels (with units) are the plot's; a group takes its first series' labels."""
         steps, values = [float(s) for s in steps], [float(v) for v in values]
         if len(steps) != len(values):
             raise ValueError(f"series {name}: {len(steps)} steps but {len(values)} values")
         atomic_write_json(os.path.join(self.report_dir, "series", f"{slugify(name)}.json"),
-                          {"name": name, "section": section, "steps": steps, "values": values})
+                          {"name": name, "section": section, "steps": steps, "values": values,
+                           "x_label": x_label, "y_label": y_label})
 
     def _sections(self):
         sections = []
@@ -338,23 +290,25 @@ class Report:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def _plots(self, use_matplotlib):
+    def _plots(self):
         """Render every logged series, grouped by the name before ':' (e.g. 'base: train', 'base: val')."""
         series_dir = os.path.join(self.report_dir, "series")
-        groups = {}
+        groups, labels = {}, {}
         for fname in sorted(os.listdir(series_dir)):
             with open(os.path.join(series_dir, fname)) as f:
                 s = json.load(f)
             group, _, label = s["name"].partition(":")
-            groups.setdefault(group.strip(), []).append((label.strip() or group.strip(), s["steps"], s["values"]))
+            group = group.strip()
+            groups.setdefault(group, []).append((label.strip() or group, s["steps"], s["values"]))
+            labels.setdefault(group, (s.get("x_label", "step"), s.get("y_label", LOSS_LABEL)))
         links = []
         for group, series in groups.items():
             fname = f"{slugify(group)}.png"
-            atomic_write_bytes(os.path.join(self.report_dir, fname), plot_png(group, series, use_matplotlib))
+            atomic_write_bytes(os.path.join(self.report_dir, fname), plot_png(group, series, *labels[group]))
             links.append((group, fname))
         return links
 
-    def generate(self, use_matplotlib=True, copy_to_cwd=True):
+    def generate(self, copy_to_cwd=True):
         """Assemble report.md from the header, the summary, the plots and the sections; return its path."""
         state = self._state()
         header_path = os.path.join(self.report_dir, "header.md")
@@ -366,7 +320,7 @@ class Report:
             elapsed = time.time() - state["started"]
             hours, rem = divmod(int(elapsed), 3600)
             parts += [f"Total wall clock time: {hours}h{rem // 60:02d}m{rem % 60:02d}s", ""]
-        links = self._plots(use_matplotlib)
+        links = self._plots()
         if links:
             parts += ["## Plots", ""] + [f"![{group}]({fname})" for group, fname in links] + [""]
         for meta in sections:
@@ -409,14 +363,13 @@ def get_report():
 def main(argv=None):
     parser = ArgumentParser(description="Reset or generate the nanochat report card")
     parser.add_argument("command", choices=["reset", "generate"])
-    parser.add_argument("--no-matplotlib", action="store_true", help="draw plots with the built-in PNG writer")
     args = parser.parse_args(argv)
     report = get_report()
     if args.command == "reset":
         report.reset()
         print(f"report reset: {os.path.join(get_base_dir(), 'report')}")
     else:
-        path = report.generate(use_matplotlib=not args.no_matplotlib)
+        path = report.generate()
         print(f"report written: {path} (copied to ./report.md)")
     return 0
 

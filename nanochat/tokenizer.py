@@ -6,7 +6,8 @@ Three kinds share one interface (see dev/CONTRACTS.md):
 - RustBPETokenizer ("bpe"): byte-level BPE trained with `rustbpe`, encoded with `tiktoken`
   built from the learned mergeable ranks (fast, multithreaded batch encode).
 - CharTokenizer ("char"): one id per character seen in the training corpus, for tiny experiments.
-- HFTokenizer ("hf"): a Hugging Face `tokenizers` tokenizer.json (bring your own tokenizer).
+- HFTokenizer ("hf"): a Hugging Face `tokenizers` tokenizer.json (bring your own tokenizer), in
+  nanochat/hf_tokenizer.py; growing a vocabulary is nanochat/vocab_extension.py.
 
 A tokenizer lives in a directory: `manifest.json` {kind, pattern, vocab_size, special_tokens,
 fingerprint, parent_fingerprint, original_vocab_size}, the kind's data file (ranks.tiktoken,
@@ -18,7 +19,6 @@ data or checkpoint is built with it.
 
 import base64
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -450,188 +450,14 @@ class CharTokenizer(_TokenizerBase):
 
 
 # -----------------------------------------------------------------------------
-# Bring your own: a Hugging Face tokenizers file behind the same interface.
-
-@functools.lru_cache(maxsize=1)
-def _gpt2_unicode_to_byte():
-    """Inverse of the printable-unicode alphabet byte-level BPE (GPT-2, Qwen, ...) uses to write bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[chr(b)] = b
-        else:
-            mapping[chr(256 + extra)] = b
-            extra += 1
-    return mapping
-
-
-class HFTokenizer(_TokenizerBase):
-    """Our 9 conversation tokens are mapped to the file's own tokens of the same name if it has them,
-    else added as special tokens after its vocabulary. Special-token strings in text encode as text."""
-    kind = "hf"
-
-    def __init__(self, json_text, special_names=None, expected_special_tokens=None,
-                 parent_fingerprint=None, original_vocab_size=None):
-        """special_names: our special tokens, in the order missing ones are appended (default SPECIAL_TOKENS);
-        expected_special_tokens: {name: id} from a manifest, checked against what the file gives."""
-        try:
-            from tokenizers import AddedToken, Tokenizer
-        except ImportError:
-            raise NanochatError("hf: tokenizers need the `tokenizers` package; pip install tokenizers") from None
-        try:
-            tok = Tokenizer.from_str(json_text)
-        except Exception as e:
-            raise NanochatError(f"not a valid Hugging Face tokenizer.json ({str(e)[:120]})") from None
-        self.json_text = json_text
-        names = list(special_names) if special_names else list(SPECIAL_TOKENS)
-        for name in names:  # one at a time, so ids follow the order of `names`
-            if tok.token_to_id(name) is None:
-                tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
-        mapped = {name: tok.token_to_id(name) for name in names}
-        if expected_special_tokens is not None and mapped != {k: int(v) for k, v in expected_special_tokens.items()}:
-            raise NanochatError("HF tokenizer special-token ids differ from its manifest; re-import it with "
-                                "python -m scripts.tok_train --tokenizer hf:PATH")
-        super().__init__(mapped, parent_fingerprint, original_vocab_size)
-        tok.encode_special_tokens = True  # "<|bos|>" typed by a user stays text, as with tiktoken's encode_ordinary
-        self.tok = tok
-        self._vocab_size = max(max(tok.get_vocab(with_added_tokens=True).values()) + 1, tok.get_vocab_size(True))
-        self._decoder_type = (json.loads(json_text).get("decoder") or {}).get("type")
-        canonical = json.dumps(json.loads(json_text), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        self.fingerprint = compute_fingerprint(self.kind, None, [(0, canonical.encode("ascii"))], self.special_tokens)
-
-    @classmethod
-    def from_file(cls, path):
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                text = f.read()
-        except (FileNotFoundError, IsADirectoryError):
-            raise NanochatError(f"Hugging Face tokenizer file not found: {path}; pass hf:PATH/tokenizer.json") from None
-        except UnicodeDecodeError:
-            raise NanochatError(f"{path} is not UTF-8 JSON; pass a Hugging Face tokenizer.json") from None
-        return cls(text)
-
-    def get_vocab_size(self):
-        return self._vocab_size
-
-    def _encode_batch(self, texts, num_threads):
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def id_to_token(self, token_id):
-        token = self.tok.id_to_token(int(token_id))
-        if token is None:
-            return "\ufffd"
-        if self._decoder_type == "ByteLevel":
-            table = _gpt2_unicode_to_byte()
-            if all(c in table for c in token):
-                return bytes(table[c] for c in token).decode("utf-8", errors="replace")
-        return token
-
-    def _token_bytes_of(self, token_id):
-        token = self.tok.id_to_token(token_id)
-        if token is None:
-            return 0
-        if self._decoder_type == "ByteLevel":
-            table = _gpt2_unicode_to_byte()
-            if all(c in table for c in token):
-                return len(token)  # one character per byte
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            return 1  # sentencepiece byte fallback
-        return len(token.replace("\u2581", " ").replace("##", "").encode("utf-8"))
-
-    def _save_files(self, directory):
-        with open(os.path.join(directory, HF_FILE), "w", encoding="utf-8") as f:
-            f.write(self.json_text)
-
-    @classmethod
-    def _load(cls, directory, manifest):
-        path = os.path.join(directory, HF_FILE)
-        if not os.path.exists(path):
-            raise NanochatError(f"tokenizer file missing: {path}; re-import it with scripts.tok_train --tokenizer hf:PATH")
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-        specials = manifest["special_tokens"]
-        names = sorted(specials, key=lambda name: (int(specials[name]), name))  # re-add in id order
-        return cls(text, special_names=names, expected_special_tokens=specials,
-                   parent_fingerprint=manifest.get("parent_fingerprint"),
-                   original_vocab_size=manifest.get("original_vocab_size"))
-
-
-# -----------------------------------------------------------------------------
-# Extension: grow a vocabulary without renumbering any existing id (issue 7).
-#
-# Every existing id keeps its token; new tokens get ids V0, V0+1, ... after everything there was,
-# so a model's embedding rows < V0 still mean what they meant. For BPE this puts new merges *after*
-# the special tokens; tiktoken does not need ranks to be contiguous, only unique. Tokens of a second
-# BPE tokenizer are appended in that tokenizer's own rank order, skipping bytes we already have: each
-# of its tokens was learned as the merge of two of its earlier tokens, which by then are either ours
-# already or appended before it, so every appended token is (like every trained one) the merge of two
-# lower-ranked tokens, i.e. a valid tiktoken mergeable rank. Text is still encoded by rank, so old
-# merges come first, and a text chunk that contains no new token's bytes encodes exactly as before.
-
-def extend_tokenizer(tokenizer, add_special=(), from_tokenizer=None):
-    """Return a new tokenizer = `tokenizer` + `from_tokenizer`'s missing tokens + the new special names.
-    Tokens/specials already present are not duplicated. Records parent fingerprint and original size."""
-    v0 = tokenizer.get_vocab_size()
-    next_id = v0
-    specials = dict(tokenizer.special_tokens)
-    lineage = {"parent_fingerprint": tokenizer.fingerprint, "original_vocab_size": v0}
-    if from_tokenizer is not None and from_tokenizer.kind != tokenizer.kind:
-        raise NanochatError(f"cannot add tokens of a {from_tokenizer.kind} tokenizer to a {tokenizer.kind} one; "
-                            f"train the second tokenizer with the same --tokenizer kind")
-    for name in add_special:
-        if not (isinstance(name, str) and name.startswith("<|") and name.endswith("|>") and len(name) > 4):
-            raise NanochatError(f"special token {name!r} must look like <|name|>")
-
-    if tokenizer.kind == "bpe":
-        ranks = dict(tokenizer.mergeable_ranks)
-        if from_tokenizer is not None:
-            if from_tokenizer.pattern != tokenizer.pattern:
-                raise NanochatError("the second tokenizer was trained with a different split pattern; "
-                                    "retrain it with the same pattern as the one being extended")
-            for token, _ in sorted(from_tokenizer.mergeable_ranks.items(), key=lambda kv: kv[1]):
-                if token in ranks:
-                    continue
-                if not any(token[:k] in ranks and token[k:] in ranks for k in range(1, len(token))):
-                    raise NanochatError("the second tokenizer is not a byte-level BPE (a token is not the merge of "
-                                        "two earlier ones); train it with python -m scripts.tok_train")
-                ranks[token] = next_id
-                next_id += 1
-        for name in add_special:
-            if name not in specials:
-                specials[name] = next_id
-                next_id += 1
-        return RustBPETokenizer(ranks, specials, pattern=tokenizer.pattern, **lineage)
-
-    if tokenizer.kind == "char":
-        id_to_char = dict(tokenizer.id_to_char)
-        if from_tokenizer is not None:
-            have = set(id_to_char.values())
-            for _, c in sorted(from_tokenizer.id_to_char.items()):
-                if c not in have:
-                    id_to_char[next_id] = c
-                    have.add(c)
-                    next_id += 1
-        for name in add_special:
-            if name not in specials:
-                specials[name] = next_id
-                next_id += 1
-        return CharTokenizer(id_to_char, specials, **lineage)
-
-    # hf: only special tokens (the file's own vocabulary and merges are not ours to reorder)
-    if from_tokenizer is not None:
-        raise NanochatError("adding a second tokenizer's tokens is supported for bpe and char tokenizers, not hf")
-    names = sorted(specials, key=lambda name: (specials[name], name)) + [n for n in add_special if n not in specials]
-    return HFTokenizer(tokenizer.json_text, special_names=list(dict.fromkeys(names)), **lineage)
-
-
-# -----------------------------------------------------------------------------
 # Loading
 
-KINDS = {"bpe": RustBPETokenizer, "char": CharTokenizer, "hf": HFTokenizer}
+def _tokenizer_class(kind):
+    """The class behind a manifest's kind (None if unknown); the HF adapter is imported only when used."""
+    if kind == "hf":
+        from nanochat.hf_tokenizer import HFTokenizer
+        return HFTokenizer
+    return {"bpe": RustBPETokenizer, "char": CharTokenizer}.get(kind)
 
 
 def load_tokenizer(directory=None):
@@ -641,11 +467,11 @@ def load_tokenizer(directory=None):
     if not os.path.isfile(manifest_path):
         raise NanochatError(f"no tokenizer in {directory}; train one with python -m scripts.tok_train")
     manifest = read_json(manifest_path, "tokenizer manifest")
-    if not isinstance(manifest, dict) or manifest.get("kind") not in KINDS or \
+    if not isinstance(manifest, dict) or _tokenizer_class(manifest.get("kind")) is None or \
             not isinstance(manifest.get("special_tokens"), dict):
         raise NanochatError(f"tokenizer manifest is corrupt or of unknown kind in {directory}; "
                             f"retrain it with python -m scripts.tok_train")
-    tokenizer = KINDS[manifest["kind"]]._load(directory, manifest)
+    tokenizer = _tokenizer_class(manifest["kind"])._load(directory, manifest)
     if tokenizer.fingerprint != manifest.get("fingerprint") or tokenizer.get_vocab_size() != manifest.get("vocab_size"):
         raise NanochatError(
             f"tokenizer manifest fingerprint {manifest.get('fingerprint')} does not match its files "

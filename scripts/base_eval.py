@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per greedy sample")
     p.add_argument("--skip-core", action="store_true", help="do not evaluate CORE (e.g. offline without the bundle)")
     p.add_argument("--core-max-per-task", type=int, default=-1, help="items per CORE task (-1: all; small for quick runs)")
-    p.add_argument("--eval-bundle-url", default=None, help="where to download eval_bundle.zip (default: nanochat's)")
+    p.add_argument("--eval-bundle-url", default=None,
+                   help="where to download eval_bundle.zip (default: $NANOCHAT_EVAL_BUNDLE_URL, else nanochat's)")
     return p.parse_args(argv)
 
 
@@ -90,7 +91,7 @@ def main(argv=None):
         core_line = "CORE: skipped (--skip-core)"
     else:
         try:
-            bundle = core_eval.ensure_eval_bundle(args.eval_bundle_url or core_eval.EVAL_BUNDLE_URL)
+            bundle = core_eval.ensure_eval_bundle(args.eval_bundle_url)
         except NanochatError as e:
             bundle, core_line = None, f"CORE: skipped (bundle not available: {e})"
         if bundle is not None:

@@ -11,8 +11,14 @@ or on N GPUs:
 The model's vocab size is always the tokenizer's. Before any forward pass the run checks that the
 tokenizer, the checkpoint it resumes from and the pre-tokenized data agree (fingerprints, vocab
 sizes, special-token ids), and stops with one line naming every disagreement otherwise.
---resume continues from the newest complete checkpoint exactly: weights, optimizer state, data
-position and RNG. A non-finite loss or gradient norm stops the run before the optimizer update.
+--resume continues the run saved in a checkpoint exactly: weights, optimizer state, data position, RNG
+and the run's own arguments (model shape, batch, learning rates, schedule, data, seed), so the tag is enough:
+    python -m scripts.base_train --resume --model-tag d4                 # newest complete step
+    python -m scripts.base_train --resume --model-tag d4 --resume-step 200 --num-iterations 2000
+The horizon and the eval/sample/save/log cadence may change on resume (they are applied and logged); a flag
+that would change the run itself (e.g. --total-batch-size) is refused unless --override-args. Every file is
+checked first (presence, checksums, headers, shapes, tokenizer); a bad one is named in one line, with the
+steps that pass. A non-finite loss or gradient norm stops the run before the optimizer update.
 """
 
 import math
@@ -25,13 +31,14 @@ import torch.distributed as dist
 
 from nanochat import checkpoint_manager as cm
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, get_base_dir,
-                             init_wandb, peak_flops_for_device, print0, read_json, resolve_device_type, run_main)
+                             get_dist_info, init_wandb, peak_flops_for_device, print0, resolve_device_type, run_main)
+from nanochat.doctor import preflight_problems
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:"]
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(description="Pretrain the base model.")
     # model
     p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64*depth")
@@ -60,7 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep (>= 2, 0: all)")
     p.add_argument("--log-every", type=int, default=1, help="print a progress line every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of --model-tag")
+    p.add_argument("--resume", action="store_true", help="continue the run saved under --model-tag (default: d<depth> "
+                   "if --depth is given, else the newest tag) with its own arguments")
+    p.add_argument("--resume-step", type=int, default=None,
+                   help="with --resume: this complete step (default: the newest)")
+    p.add_argument("--override-args", action="store_true",
+                   help="with --resume: let flags change the run's own arguments")
+    p.add_argument("--no-verify", action="store_true", help="skip checkpoint checksums (very large checkpoints)")
     # runtime
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
     p.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
@@ -73,38 +86,21 @@ def parse_args(argv=None):
     p.add_argument("--pretok-dir", default=None, help="pre-tokenized shards (default: <base>/base_data_tok/<fingerprint[:16]>)")
     p.add_argument("--buffer-docs", type=int, default=256, help="documents in the best-fit packing buffer")
     p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    return p
 
 
-# -----------------------------------------------------------------------------
-# Pre-flight: every disagreement between tokenizer, checkpoint and data, before any compute
+def parse_args(argv=None):
+    """(args, names of the flags given explicitly)."""
+    return cm.parse_args_noting_explicit(build_parser(), argv)
 
-def preflight_problems(tokenizer, tokenizer_dir, model_vocab_size, resume_dir=None, resume_meta=None, pretok_dir=None):
-    """A list of one-line problems (empty if all agree). On --resume model_vocab_size is the checkpoint's."""
-    problems = []
-    fp, vocab = tokenizer.fingerprint, tokenizer.get_vocab_size()
-    if model_vocab_size != vocab:
-        problems.append(f"the model is built for vocab {model_vocab_size} but the tokenizer {tokenizer_dir} has {vocab} ids")
-    if resume_meta is not None:
-        ck_fp = resume_meta.get("tokenizer_fingerprint")
-        if ck_fp != fp:
-            problems.append(f"checkpoint {resume_dir} was trained with tokenizer {str(ck_fp)[:16]} but the tokenizer {tokenizer_dir} is {fp[:16]}")
-    bad_specials = sorted(i for i in tokenizer.special_tokens.values() if not 0 <= i < model_vocab_size)
-    if bad_specials:
-        problems.append(f"{len(bad_specials)} special token ids ({bad_specials[0]}..{bad_specials[-1]}) are outside the model's vocab of {model_vocab_size}")
-    if pretok_dir is not None:
-        meta_path = os.path.join(pretok_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            problems.append(f"no pre-tokenized shards in {pretok_dir}; run `python -m nanochat.dataset --pretokenize`")
-        else:
-            meta = read_json(meta_path, "pre-tokenized shard metadata")
-            if meta.get("fingerprint") != fp:
-                problems.append(f"pre-tokenized data {pretok_dir} was made by tokenizer {str(meta.get('fingerprint'))[:16]} "
-                                f"(vocab {meta.get('vocab_size')}) but the tokenizer {tokenizer_dir} is {fp[:16]} (vocab {vocab})")
-            max_id = max((f.get("max_id", -1) for f in meta.get("files", [])), default=-1)
-            if max_id >= model_vocab_size:
-                problems.append(f"pre-tokenized data {pretok_dir} holds token id {max_id}, outside the model's vocab of {model_vocab_size}")
-    return problems
+
+# Resuming continues the run with its own arguments (from its checkpoint meta). The first set may change on
+# resume (applied and logged); the second is always this invocation's; any other flag given with a different
+# value would silently change the run and is refused unless --override-args.
+RESUME_MAY_CHANGE = {"num_iterations", "target_flops", "target_param_data_ratio", "eval_every", "eval_tokens",
+                     "sample_every", "save_every", "keep_last", "log_every"}
+RESUME_RUNTIME = {"resume", "resume_step", "override_args", "no_verify", "run", "device", "dtype", "compile",
+                  "model_tag", "tokenizer_dir"}
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +132,25 @@ def gather_per_rank(obj):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, explicit = parse_args(argv)
     t_start = time.time()
+    verify = False if args.no_verify else None
+
+    # --- resume: the checkpoint, validated (files, checksums, headers, shapes), and the run's own arguments
+    resume = None
+    if args.resume:
+        root = cm.checkpoints_root("base")
+        tag = args.model_tag or (f"d{args.depth}" if "depth" in explicit else cm.find_latest_tag(root))
+        checkpoint_dir = os.path.join(root, tag or "?")
+        if tag is None or not os.path.isdir(checkpoint_dir):
+            raise NanochatError(f"--resume: no base checkpoint {'tag ' + repr(tag) + ' ' if tag else ''}in {root}; "
+                                f"name the run with --model-tag, or drop --resume to start fresh")
+        resume = cm.open_checkpoint(checkpoint_dir, args.resume_step, verify, optimizer_rank=get_dist_info()[1],
+                                    step_flag="--resume-step")
+        args = cm.continue_run_args(args, explicit, resume.meta, resume.dir, RESUME_MAY_CHANGE, RESUME_RUNTIME)
+        args.model_tag = tag
+    elif args.resume_step is not None or args.override_args:
+        raise NanochatError("--resume-step and --override-args only apply with --resume")
 
     # --- compute ----------------------------------------------------------------
     device_type = resolve_device_type(args.device)
@@ -167,14 +180,9 @@ def main(argv=None):
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), cm.STAGE_DIRS["base"], model_tag)
     resume_meta = resume_step = resume_dir = None
-    if args.resume:
-        if not cm.list_complete_steps(checkpoint_dir):
-            raise NanochatError(f"--resume: no complete checkpoint in {checkpoint_dir}; drop --resume to start fresh")
-        resume_step = cm.find_last_step(checkpoint_dir)
-        resume_dir = os.path.join(checkpoint_dir, cm.step_dirname(resume_step))
-        resume_meta = cm.read_meta(checkpoint_dir, resume_step)
-    if args.resume:
-        config = cm.make_config(resume_meta, resume_dir)
+    if resume is not None:
+        resume_meta, resume_step, resume_dir = resume.meta, resume.step, resume.dir
+        config = resume.config
     else:
         config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
     pretok_dir = None
@@ -192,7 +200,7 @@ def main(argv=None):
         differ = {k: (config.to_dict()[k], v) for k, v in want.items() if config.to_dict()[k] != v}
         if differ:
             raise NanochatError(f"--resume: the checkpoint's model differs from the flags ({', '.join(f'{k}: {a} in checkpoint vs {b} from flags' for k, (a, b) in differ.items())}); "
-                                f"pass the flags the run was started with")
+                                f"a checkpoint's model cannot change on resume: drop the flags that change it")
         if resume_meta.get("world_size", 1) != world_size:
             raise NanochatError(f"--resume: the checkpoint was saved by {resume_meta.get('world_size')} processes but this run has {world_size}; "
                                 f"resume with the same number of processes")
@@ -207,7 +215,7 @@ def main(argv=None):
         model.lm_head.weight = model.transformer.wte.weight
     model.init_weights()
     if args.resume:
-        state, _, _ = cm.load_checkpoint(checkpoint_dir, resume_step, device)
+        state = cm.load_weights(resume, device)
         model.load_state_dict(state, strict=True)
         del state
     num_params = model.num_params()
@@ -235,8 +243,8 @@ def main(argv=None):
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     adamw, muon = optimizers
     if args.resume:
-        _, optim_states, _ = cm.load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
-        if optim_states is None or len(optim_states) != len(optimizers):
+        optim_states = cm.load_optimizer_states(resume, rank, device)
+        if len(optim_states) != len(optimizers):
             raise NanochatError(f"optimizer state in {resume_dir} does not match this run's optimizers; start fresh without --resume")
         for opt, st in zip(optimizers, optim_states):
             opt.load_state_dict(st)
@@ -397,7 +405,8 @@ def main(argv=None):
         if loss_history:
             report.log_series("train loss", [s for s, _ in loss_history], [v for _, v in loss_history], section="Base model training")
         if val_history:
-            report.log_series("val bpb", [s for s, _ in val_history], [v for _, v in val_history], section="Base model training")
+            report.log_series("val bpb", [s * args.total_batch_size for s, _ in val_history], [v for _, v in val_history],
+                              section="Base model training", x_label="tokens", y_label="val bpb (bits per byte)")
         report.log(section="Base model training", data=[
             {k: v for k, v in vars(args).items()},
             {"Number of parameters": num_params, "Vocab size": vocab_size, "FLOPs per token": f"{flops_per_token:e}",

@@ -1,12 +1,16 @@
 """
-Chat with a trained model in the terminal. The tokenizer travels with the checkpoint, so
-naming the stage (and optionally tag/step) is enough. Answers stream as they are generated.
+Chat with a trained model in the terminal, or have a base model continue a text. The tokenizer
+travels with the checkpoint, so naming the stage (and optionally tag/step) is enough. Answers
+stream as they are generated.
 
     python -m scripts.chat_cli -i sft                     # newest sft checkpoint, interactive
-    python -m scripts.chat_cli -i base -p "Why is the sky blue?"   # one answer, then exit
+    python -m scripts.chat_cli -i sft -p "Why is the sky blue?"    # one answer, then exit
     python -m scripts.chat_cli -i rl -g d20 -s 500 -t 0.6 -k 50
+    python -m scripts.chat_cli -i base -p "The capital of France is"   # continue a text
 
-Commands: `clear` starts a new conversation, `quit` or `exit` (or Ctrl-D) leaves.
+A base model never saw chat tokens, so `-i base` (and `--raw`, for any model) continues the text
+as given: BOS + its tokens, no chat turns, no calculator; each line is continued on its own.
+In a chat, `clear` starts a new conversation; `quit` or `exit` (or Ctrl-D) leaves.
 """
 
 import random
@@ -18,10 +22,13 @@ from nanochat.engine import Engine, StreamDecoder
 
 def parse_args(argv):
     parser = ArgumentParser(description="Chat with a nanochat checkpoint in the terminal.")
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                        help="which stage's checkpoint")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    parser.add_argument("-p", "--prompt", default=None, help="answer (raw: continue) this one prompt and exit")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue the text as given, without chat tokens (always so with -i base)")
     parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k filtering")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
@@ -36,11 +43,11 @@ def parse_args(argv):
     return args
 
 
-def answer(engine, tokenizer, tokens, args, out):
-    """Stream one assistant turn after `tokens` to `out`; returns the ids it generated
-    (the terminal <|assistant_end|> included, so the conversation can continue)."""
+def answer(engine, tokenizer, tokens, args, out, raw=False):
+    """Stream one assistant turn (raw: one continuation) after `tokens` to `out`; returns the ids it
+    generated (the terminal <|assistant_end|> included, so the conversation can continue)."""
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    decoder = StreamDecoder(tokenizer)
+    decoder = StreamDecoder(tokenizer, show_tool_calls=not raw)
     generated = []
     for column, _ in engine.generate(tokens, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,
                                      top_k=args.top_k or None, top_p=args.top_p, seed=seed):
@@ -55,6 +62,30 @@ def answer(engine, tokenizer, tokens, args, out):
     return generated + [engine.assistant_end]
 
 
+def continue_lines(engine, tokenizer, args, window, interactive):
+    """Raw mode: every line is a text of its own, continued after BOS (no history, no chat tokens)."""
+    while True:
+        try:
+            text = input("\nText: " if interactive else "")
+        except EOFError:
+            print()
+            return 0
+        if text.strip() in ("quit", "exit"):
+            return 0
+        if not text.strip():
+            continue
+        tokens = [engine.bos] + tokenizer.encode(text)
+        if len(tokens) >= window:
+            print(f"(that text is too long for this model's {window}-token window)")
+            continue
+        if interactive:
+            print(f"\n{text}", end="", flush=True)  # the continuation follows the text it continues
+        try:
+            answer(engine, tokenizer, tokens, args, sys.stdout, raw=True)
+        except KeyboardInterrupt:
+            print("\n(stopped)")
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -62,7 +93,8 @@ def main(argv=None):
     from nanochat.checkpoint_manager import load_model
     device = resolve_device_type(args.device)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer)
+    raw = args.raw or args.source == "base"
+    engine = Engine(model, tokenizer, tools=not raw)
     bos, user_start, user_end, assistant_start = (tokenizer.encode_special(name) for name in
                                                   ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>"))
     window = model.config.sequence_len
@@ -72,17 +104,20 @@ def main(argv=None):
 
     # --- one prompt and exit
     if args.prompt is not None:
-        tokens = [bos] + user_turn(args.prompt)
+        tokens = [bos] + (tokenizer.encode(args.prompt) if raw else user_turn(args.prompt))
         if len(tokens) >= window:
             raise NanochatError(f"the prompt is {len(tokens)} tokens; this model's context window is {window}")
-        answer(engine, tokenizer, tokens, args, sys.stdout)
+        answer(engine, tokenizer, tokens, args, sys.stdout, raw=raw)
         return 0
 
     # --- interactive loop
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"nanochat ({args.source} step {meta.get('step')}, {model.num_params() / 1e6:.1f}M params, {device}). "
-              f"Type 'clear' for a new chat, 'quit' to leave.")
+              + ("Each line is continued as plain text; 'quit' to leave." if raw else
+                 "Type 'clear' for a new chat, 'quit' to leave."))
+    if raw:
+        return continue_lines(engine, tokenizer, args, window, interactive)
     tokens = [bos]
     while True:
         try:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from nanochat.checkpoint_manager import parse_args_noting_explicit, resumed_run_args
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
 from scripts.chat_sft import all_reduce_mean, gather_rank_states
@@ -78,6 +79,14 @@ def policy_gradient_loss(logprobs, targets, advantages, num_valid):
 
 # -----------------------------------------------------------------------------
 
+# --resume continues the run with its own arguments (from its checkpoint meta). The first set may change on
+# resume (applied and logged); the second is always this invocation's; any other flag given with a different
+# value would silently change the run and is refused unless --override-args.
+RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "save_every", "eval_examples", "pass_k"}
+RESUME_RUNTIME = {"source", "model_tag", "step", "output_tag", "device", "resume", "resume_step", "override_args",
+                  "run"}
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="On-policy RL (group-relative policy gradient) on math problems.")
     parser.add_argument("-i", "--source", default="sft", choices=["sft", "mid"], help="checkpoint to start from")
@@ -103,10 +112,19 @@ def parse_args(argv=None):
     parser.add_argument("--eval-examples", type=int, default=400, help="held-out problems in the pass@k eval")
     parser.add_argument("--pass-k", type=int, default=8, help="k of the pass@k eval (samples per problem)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete RL checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest complete RL checkpoint with its own arguments")
+    parser.add_argument("--resume-step", type=int, default=None,
+                        help="with --resume: this complete step (default: the newest)")
+    parser.add_argument("--override-args", action="store_true",
+                        help="with --resume: let flags change the run's own arguments")
     parser.add_argument("--run", default=None, help="wandb run name (off by default)")
     parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    args, explicit = parse_args_noting_explicit(parser, argv)
+    if args.resume:
+        args = resumed_run_args("rl", args, explicit, RESUME_MAY_CHANGE, RESUME_RUNTIME)
+    elif args.resume_step is not None or args.override_args:
+        raise NanochatError("--resume-step and --override-args only apply with --resume")
     for name in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_examples", "pass_k"):
         if getattr(args, name) < 1:
             raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
@@ -129,7 +147,7 @@ def main(argv=None):
 
     # --- model (checks tokenizer/model agreement)
     model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
-        "rl", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag)
+        "rl", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag, args.resume_step)
     if resume_state is not None:
         print0(f"resuming RL from {checkpoint_dir} step {start_step}")
     engine = Engine(model, tokenizer)

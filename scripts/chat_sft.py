@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint_manager import parse_args_noting_explicit, resumed_run_args
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
                              init_wandb, print0, run_main)
 
@@ -152,6 +153,15 @@ def all_reduce_mean(value, device):
 
 # -----------------------------------------------------------------------------
 
+# --resume continues the run with its own arguments (from its checkpoint meta). The first set may change on
+# resume (applied and logged); the second is always this invocation's; any other flag given with a different
+# value would silently change the run and is refused unless --override-args.
+RESUME_MAY_CHANGE = {"num_iterations", "num_epochs", "eval_every", "eval_steps", "save_every", "eval_metrics_every",
+                     "eval_max_problems", "eval_max_new_tokens"}
+RESUME_RUNTIME = {"source", "model_tag", "step", "output_tag", "device", "resume", "resume_step", "override_args",
+                  "run"}
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="Supervised fine-tuning on conversations (loss on assistant tokens only).")
     parser.add_argument("-i", "--source", default="mid", choices=["base", "mid"], help="checkpoint to start from")
@@ -178,10 +188,19 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--freeze-until-index", type=int, default=None,
                         help="keep embedding/output rows < N unchanged (default: original vocab of an extended tokenizer)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete SFT checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest complete SFT checkpoint with its own arguments")
+    parser.add_argument("--resume-step", type=int, default=None,
+                        help="with --resume: this complete step (default: the newest)")
+    parser.add_argument("--override-args", action="store_true",
+                        help="with --resume: let flags change the run's own arguments")
     parser.add_argument("--run", default=None, help="wandb run name (off by default)")
     parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    args, explicit = parse_args_noting_explicit(parser, argv)
+    if args.resume:
+        args = resumed_run_args("sft", args, explicit, RESUME_MAY_CHANGE, RESUME_RUNTIME)
+    elif args.resume_step is not None or args.override_args:
+        raise NanochatError("--resume-step and --override-args only apply with --resume")
     for name in ("device_batch_size", "target_examples_per_step", "eval_steps", "eval_max_problems", "eval_max_new_tokens"):
         if getattr(args, name) < 1:
             raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
@@ -203,7 +222,7 @@ def main(argv=None):
 
     # --- model: the source checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
     model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = start_or_resume(
-        "sft", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag)
+        "sft", args.source, device, rank, args.resume, args.model_tag, args.step, args.output_tag, args.resume_step)
     if resume_state is not None:
         print0(f"resuming SFT from {checkpoint_dir} step {start_step}")
     config = model.config

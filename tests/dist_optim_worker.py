@@ -69,10 +69,15 @@ def train(arch, rank=0, world_size=1, micro_batches=None):
 def train_toy(rank=0, world_size=1, micro_batches=1, force_all_reduce=False):
     """The optimizers alone on odd shapes: a (5, 3) matrix and a size-5 vector (dim 0 not divisible
     by 2: AdamW's replicated path), a size-4 vector (sharded path) and three same-shaped matrices for
-    Muon (one Muon slot is padding). force_all_reduce: use the all_reduce fallback of reduce-scatter."""
+    Muon (one Muon slot is padding). force_all_reduce: the backend "lacks" reduce_scatter_tensor (it
+    raises, as on a backend without it), so the optimizers take their all_reduce fallback."""
     from nanochat import optim
     from nanochat.common import is_ddp
-    optim._REDUCE_SCATTER_OK = not force_all_reduce
+    real_reduce_scatter = optim.dist.reduce_scatter_tensor
+    if force_all_reduce:
+        def reduce_scatter_unsupported(*args, **kwargs):
+            raise RuntimeError("reduce_scatter_tensor is not supported by this backend")
+        optim.dist.reduce_scatter_tensor = reduce_scatter_unsupported
     g = torch.Generator().manual_seed(0)
     adam_params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g)),
                    torch.nn.Parameter(torch.randn(4, generator=g))]
@@ -95,6 +100,7 @@ def train_toy(rank=0, world_size=1, micro_batches=1, force_all_reduce=False):
         muon.step()
         for p in adam_params + muon_params:
             p.grad = None
+    optim.dist.reduce_scatter_tensor = real_reduce_scatter
     optim._REDUCE_SCATTER_OK = True
     return [p.detach().clone() for p in adam_params + muon_params]
 

@@ -10,8 +10,10 @@ import math
 import socket
 import threading
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 import uvicorn
 
 from nanochat.engine import Engine
@@ -45,6 +47,35 @@ def long_talker(tokenizer, prompt, min_tokens, sequence_len=512):
         if len(results[0]) - len(prompt) >= min_tokens:
             return model
     raise AssertionError("no seed gave a long greedy answer")
+
+
+class SuccessorModel(torch.nn.Module):
+    """A stand-in for GPT whose greedy next id is a fixed function of the last id: `successor`
+    maps id -> next id (anything else -> <|assistant_end|>). It has just what Engine uses (config,
+    lm_head, forward with a KV cache), so a test can make a model write exactly what it wants,
+    special tokens included."""
+
+    def __init__(self, tokenizer, successor, sequence_len=128):
+        super().__init__()
+        vocab = tokenizer.get_vocab_size()
+        self.config = types.SimpleNamespace(sequence_len=sequence_len, vocab_size=vocab, n_layer=1, n_kv_head=1,
+                                            head_dim=1)
+        self.lm_head = torch.nn.Linear(1, vocab, bias=False)
+        table = torch.full((vocab,), tokenizer.encode_special("<|assistant_end|>"), dtype=torch.long)
+        for a, b in successor.items():
+            table[a] = b
+        self.register_buffer("table", table)
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        if kv_cache is not None:  # keep the cache's position honest, as the real model does
+            kv_cache.insert_kv(0, torch.zeros(B, 1, T, 1), torch.zeros(B, 1, T, 1))
+        return F.one_hot(self.table[ids], self.config.vocab_size).float() * 100.0
+
+
+def successor_chain(ids):
+    """{ids[i]: ids[i+1]}: a SuccessorModel fed ids[0] writes the rest of `ids`."""
+    return dict(zip(ids[:-1], ids[1:]))
 
 
 class ChatServer:

@@ -63,32 +63,53 @@ def test_three_steps_on_tiny_data_write_a_loadable_checkpoint(base):
     assert meta["metrics"]["val_bpb"] > 0 and meta["tokenizer_fingerprint"] == tok.fingerprint
     logits = model(torch.tensor([tok.encode("the cat", prepend="<|bos|>")]))
     assert torch.isfinite(logits).all()
+    # the report card's validation curve is plotted against tokens seen (3 steps x 128 tokens)
+    val_curve = json.load(open(base / "report" / "series" / "val-bpb.json"))
+    assert val_curve["x_label"] == "tokens" and val_curve["steps"][-1] == 3 * 128
 
 
-def test_resumed_run_repeats_every_loss_of_the_uninterrupted_run(base):
+def test_resume_with_only_the_tag_continues_the_run_with_its_own_arguments_bit_exactly(base, capsys):
     args = TINY + ["--num-iterations", "6", "--save-every", "3", "--eval-every", "0", "--model-tag", "r"]
     base_train.main(args)
     straight = loss_history(base, "r", 6)
     shutil.rmtree(base / "base_checkpoints" / "r" / cm.step_dirname(6))  # as if stopped after the save of step 3
-    base_train.main(args + ["--resume"])
+    capsys.readouterr()
+    base_train.main(["--resume", "--model-tag", "r", "--device", "cpu"])  # batch, shape, schedule: the run's own
+    out = capsys.readouterr().out
+    assert "128 tokens/step" in out and "step 00006/00006" in out
     resumed = loss_history(base, "r", 6)
-    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
-    for (_, a), (_, b) in zip(straight, resumed):
-        assert abs(a - b) <= 1e-6
-    assert straight[3] == resumed[3]  # bit-exact on the first resumed step
+    assert resumed == straight  # every loss bit-exact, the resumed steps 4..6 included
+
+
+# base_train in a subprocess whose save of step 4 stops (and says so) once its files are written into the temp
+# directory, just before the COMPLETE marker: the moment a kill -9 does the most harm.
+STALL_IN_SAVE_OF_STEP_4 = """
+import sys, time
+from nanochat import checkpoint_manager as cm
+from nanochat.common import run_main
+from scripts import base_train
+real_fsync_tree = cm._fsync_tree
+def stalling_fsync_tree(path):
+    real_fsync_tree(path)
+    if ".step_000004.tmp" in path:
+        print("stalled inside the save of step 4", flush=True)
+        time.sleep(120)
+cm._fsync_tree = stalling_fsync_tree
+run_main(base_train.main, sys.argv[1:])
+"""
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_uses_it(base, capsys):
     args = TINY + ["--num-iterations", "4", "--save-every", "2", "--eval-every", "0", "--model-tag", "k"]
-    env = dict(os.environ, NANOCHAT_TEST_SLEEP_IN_SAVE="4:120", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train"] + args, cwd=REPO, env=env,
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", STALL_IN_SAVE_OF_STEP_4] + args, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     try:
         for line in proc.stdout:
-            if "[test hook] sleeping" in line or time.time() > deadline:
+            if "stalled inside the save" in line or time.time() > deadline:
                 break
-        assert "[test hook] sleeping" in line, "the run never reached the save of step 4"
+        assert "stalled inside the save" in line, "the run never reached the save of step 4"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -120,7 +141,8 @@ def test_seed_scenario_887_vocab_model_with_2535_tokenizer_and_foreign_data_fail
     assert tok_a.get_vocab_size() == 887
     model = GPT(config_from_depth(1, 887, sequence_len=32))
     model.init_weights()
-    cm.save_checkpoint(str(base / "base_checkpoints" / "d1"), 5, model.state_dict(), None,
+    optimizer_state = [torch.optim.AdamW(model.parameters()).state_dict()]
+    cm.save_checkpoint(str(base / "base_checkpoints" / "d1"), 5, model.state_dict(), optimizer_state,
                        {"model_config": model.config.to_dict(), "arch": "nanochat"}, tok_a)
     # the tokenizer in use: B (2535 ids)
     tok_b = CharTokenizer.train_from_iterator(["".join(chr(0x3400 + i) for i in range(2525))])

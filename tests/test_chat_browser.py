@@ -1,7 +1,8 @@
 """
 The chat page in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright)
 loads the page from a uvicorn server with a tiny model, sends a message, and watches the answer
-stream in; then edits the message and regenerates, and stops a long answer midway.
+stream in; then edits the message and regenerates, and stops a long answer midway; and against
+a server that needs an API key, the key entered in the settings is what lets the page in.
 Skips when no chromium binary is installed (`apt-get install chromium`).
 """
 
@@ -12,7 +13,7 @@ import pytest
 
 from nanochat.engine import Engine, StreamDecoder
 from scripts.chat_web import Worker, create_app
-from tests.helpers_chat import ChatServer, long_talker, tiny_tokenizer
+from tests.helpers_chat import ChatServer, long_talker, tiny_model, tiny_tokenizer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install chromium)")
@@ -120,3 +121,24 @@ def test_the_stop_button_ends_the_answer_early(served, browser):
     assert partial and want.startswith(partial) and len(partial) < len(want)
     assert page.text_content("#send") == "Send"
     page.close()
+
+
+def test_the_api_key_from_the_settings_lets_the_page_in(browser):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    with ChatServer(create_app([Worker(model, tokenizer)], api_key="page-key-1")) as server:
+        page = open_page(browser, server.url)
+        page.fill("#prompt", "lazy dog")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".message.error")
+        assert "API key" in page.text_content(".message.error")
+        assert page.is_visible("#api-key")  # the settings opened where the key goes
+        assert page.input_value("#prompt") == "lazy dog"  # the message was given back, not lost
+        page.fill("#api-key", "page-key-1")
+        page.dispatch_event("#api-key", "change")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60_000)
+        assert assistant_texts(page) == [greedy_answer(model, tokenizer, "lazy dog", MAX_TOKENS)]
+        page.reload()  # the key is remembered in this browser
+        assert page.input_value("#api-key") == "page-key-1"
+        page.close()

@@ -1,8 +1,10 @@
 """
 scripts.chat_cli: answers from a saved checkpoint (its tokenizer comes along), streams, takes
-`clear`/`quit`, and a missing checkpoint is a one-line error.
+`clear`/`quit`, and a missing checkpoint is a one-line error. A base model (or any model with
+--raw) continues the text as given, exactly as GPT.generate does greedily.
 """
 
+import itertools
 import math
 import os
 import subprocess
@@ -15,6 +17,7 @@ import nanochat.checkpoint_manager as cm
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import CharTokenizer
+from tests.helpers_chat import tiny_model, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789 +-*/=?"
@@ -82,3 +85,49 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     result = run_cli(tmp_path, "-i", "rl", "-p", "hi", "--device", "cpu")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no rl checkpoints")
+
+
+def greedy_continuation(model, tokenizer, text, max_tokens):
+    """GPT.generate's greedy continuation of BOS + text (the naive reference, no KV cache), up to
+    the first id that ends a text, decoded."""
+    bos = tokenizer.get_bos_token_id()
+    ends = {bos, tokenizer.encode_special("<|assistant_end|>")}
+    ids = list(itertools.takewhile(lambda t: t not in ends,
+                                   model.generate([bos] + tokenizer.encode(text), max_tokens, temperature=0.0)))
+    specials = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    assert ids and specials.isdisjoint(ids)  # plain text, so comparing decoded text compares every id
+    return tokenizer.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """One model saved as a base and as an sft checkpoint; its greedy continuations of "the cat"
+    and "lazy" are plain text (random models often write special tokens)."""
+    base = tmp_path_factory.mktemp("base")
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    meta = {"model_config": model.config.to_dict(), "arch": "nanochat", "train_args": {}, "metrics": {}}
+    for stage in ("base", "chatsft"):
+        cm.save_checkpoint(str(base / f"{stage}_checkpoints" / "tiny"), 1, model.state_dict(), None, meta, tokenizer)
+    return base, model, tokenizer
+
+
+def test_a_base_model_continues_the_prompt_exactly_as_gpt_generate_does(base_checkpoint):
+    base, model, tokenizer = base_checkpoint
+    want = greedy_continuation(model, tokenizer, "the cat", 20)
+    flags = ["-p", "the cat", "-t", "0", "--max-tokens", "20", "--device", "cpu"]
+    result = run_cli(base, "-i", "base", *flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == want + "\n"
+    raw = run_cli(base, "-i", "sft", "--raw", *flags)  # --raw does the same for any stage's model
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == want + "\n"
+
+
+def test_raw_interactive_mode_continues_each_line_on_its_own(base_checkpoint):
+    base, model, tokenizer = base_checkpoint
+    result = run_cli(base, "-i", "base", "-t", "0", "--max-tokens", "20", "--device", "cpu",
+                     stdin="the cat\nlazy\n\nquit\nnever continued\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n") == [greedy_continuation(model, tokenizer, "the cat", 20),
+                                         greedy_continuation(model, tokenizer, "lazy", 20), ""]

@@ -64,10 +64,11 @@ def bundle_zip():
     return buf.getvalue()
 
 
-def test_bundle_is_downloaded_with_retries_and_extracted(tmp_path):
+def test_bundle_is_downloaded_with_retries_resumed_after_a_drop_and_extracted(tmp_path):
     with FlakyFileServer({"eval_bundle.zip": bundle_zip()}, faults={"eval_bundle.zip": ["500", "truncate", "drop"]}) as srv:
         path = core_eval.ensure_eval_bundle(srv.url + "/eval_bundle.zip", base_dir=str(tmp_path), backoff=0.01)
-        assert [r[2] for r in srv.requests_for("eval_bundle.zip")] == [500, 200, 200, 200]
+        # 500: retried; truncated (not a zip): fetched again from scratch; dropped: resumed with a Range request
+        assert [r[2] for r in srv.requests_for("eval_bundle.zip")] == [500, 200, 200, 206]
         assert path == str(tmp_path / "eval_bundle")
         assert [t["label"] for t in core_eval.load_tasks(path)] == ["mc_task", "schema_task", "lm_task"]
         assert core_eval.ensure_eval_bundle(srv.url + "/eval_bundle.zip", base_dir=str(tmp_path)) == path
@@ -90,7 +91,7 @@ def test_concurrent_callers_download_the_bundle_once(tmp_path):
 
 def test_unreachable_bundle_is_a_clear_error(tmp_path):
     with FlakyFileServer({}) as srv:
-        with pytest.raises(NanochatError, match="could not download the eval bundle.*--skip-core"):
+        with pytest.raises(NanochatError, match="eval_bundle.zip answered HTTP 404.*--skip-core"):
             core_eval.ensure_eval_bundle(srv.url + "/eval_bundle.zip", base_dir=str(tmp_path), retries=2, backoff=0.01)
 
 
@@ -192,7 +193,7 @@ def test_base_eval_reports_bpb_samples_and_core_or_why_core_was_skipped(tmp_path
         assert base_eval.main(common + ["--eval-bundle-url", srv.url + "/missing.zip"]) == 0
         out = capsys.readouterr().out
         assert "train bpb:" in out and "val bpb:" in out and "sample:" in out
-        assert "CORE: skipped (bundle not available: could not download" in out
+        assert "CORE: skipped (bundle not available: " in out and "HTTP 404" in out
         assert base_eval.main(common + ["--eval-bundle-url", srv.url + "/eval_bundle.zip", "--core-max-per-task", "2"]) == 0
         out = capsys.readouterr().out
         assert "CORE: " in out and "mc_task" in out and "skipped" not in out

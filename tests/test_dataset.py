@@ -14,9 +14,9 @@ from nanochat import dataset
 from nanochat.common import NanochatError, run_main
 
 try:
-    from helpers_http import FlakyFileServer
+    from helpers_http import FlakyFileServer, HubMirror
 except ImportError:  # tests/ imported as a package
-    from tests.helpers_http import FlakyFileServer
+    from tests.helpers_http import FlakyFileServer, HubMirror
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +222,8 @@ def test_disk_full_during_a_download_is_one_clear_error_and_no_shard_is_renamed_
         def write(self, data):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dataset, "open", lambda path, mode="r": FullDiskFile(), raising=False)
+    from nanochat import download
+    monkeypatch.setattr(download, "open", lambda path, mode="r": FullDiskFile(), raising=False)
     data_dir = tmp_path / "dl"
     with FlakyFileServer(remote_shards) as server:
         code, _, err = run_cli(download_args(server, data_dir, n=1), capsys)
@@ -237,6 +238,46 @@ def test_download_of_a_missing_file_fails_at_once_without_retrying(tmp_path, rem
         code, _, err = run_cli(download_args(server, tmp_path / "dl", n=1, retries=5), capsys)
         assert len(server.requests_for("shard_00004.parquet")) == 1
     assert code == 2 and "HTTP 404" in err and "--base-url" in err
+
+
+def run_hub_download(hub, data_dir, n, *extra):
+    """The CLI in a fresh process: huggingface_hub reads HF_ENDPOINT when it is first imported."""
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(data_dir) + ".hf_home", HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, "-m", "nanochat.dataset", "-n", str(n), "--num-shards-total",
+                           str(NUM_TOTAL), "--data-dir", str(data_dir), "--backoff", "0.01", *extra],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_hub_download_goes_through_hf_endpoint_and_checks_each_shard_before_it_counts(tmp_path, remote_shards):
+    repo = dict(remote_shards, **{"shard_00001.parquet": b"not parquet at all"})
+    with HubMirror({dataset.DEFAULT_REPO_ID: repo}) as hub:
+        proc = run_hub_download(hub, tmp_path / "dl", 2, "--retries", "1")
+        gets = [p for m, p, st in hub.requests if m == "GET" and p.endswith("shard_00001.parquet")]
+    # shard 1 is served corrupt: fetched again (retry), then a one-line error; the others are in place
+    assert proc.returncode == 2 and len(gets) == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "shard_00001.parquet" in proc.stderr
+    names = sorted(os.path.basename(p) for p in dataset.list_parquet_files(str(tmp_path / "dl")))
+    assert names == ["shard_00000.parquet", "shard_00004.parquet"]
+    assert (tmp_path / "dl" / "shard_00004.parquet").read_bytes() == remote_shards["shard_00004.parquet"]
+    manifest = json.loads((tmp_path / "dl" / "manifest.json").read_text())
+    assert manifest["repo_id"] == dataset.DEFAULT_REPO_ID
+    with HubMirror({dataset.DEFAULT_REPO_ID: remote_shards}) as hub:  # fixed upstream: the rerun completes
+        proc = run_hub_download(hub, tmp_path / "dl", 2)
+        fetched = sorted(p.rsplit("/", 1)[-1] for m, p, st in hub.requests if m == "GET")
+    assert proc.returncode == 0, proc.stderr
+    assert fetched == ["shard_00001.parquet"]  # shards already here are not fetched again
+    assert read_all_texts(str(tmp_path / "dl"), "train")[-1].startswith("remote1")
+
+
+def test_hub_download_of_a_shard_the_repo_lacks_fails_at_once_in_one_line(tmp_path, remote_shards):
+    del remote_shards["shard_00004.parquet"]
+    with HubMirror({dataset.DEFAULT_REPO_ID: remote_shards}) as hub:
+        proc = run_hub_download(hub, tmp_path / "dl", 1, "--retries", "5")
+        heads = [p for m, p, st in hub.requests if p.endswith("shard_00004.parquet")]
+    assert proc.returncode == 2 and len(heads) == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--repo-id" in proc.stderr and "HF_ENDPOINT" in proc.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -206,8 +206,9 @@ def test_each_stage_writes_a_loadable_checkpoint(pipeline):
 def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
     base_dir, _ = pipeline
     text = run_stage(base_dir, "scripts.chat_eval", "-i", "sft", "--offline", "--device", "cpu",
-                     "-a", "Arithmetic|SimpleSpelling", "-x", "3", "-m", "8")
-    assert "Arithmetic accuracy:" in text and "SimpleSpelling accuracy:" in text
+                     "-a", "Arithmetic|SimpleSpelling|HumanEval", "-x", "3", "-m", "8")
+    assert "Arithmetic accuracy:" in text and "SimpleSpelling accuracy:" in text and "HumanEval accuracy:" in text
+    assert "sandbox: confined by the kernel" in text  # said once, before model-written code runs
     assert "ChatCORE:" in text
     # the report card got one section per stage, and the eval section holds each task's accuracy
     import json

@@ -1,7 +1,7 @@
 """
 The report card: reset writes the header, stages log sections, generate assembles report.md with the
 sections in stage order, a summary table filled from the logged metrics, the wall-clock time, and
-valid PNG plots of the logged curves.
+PNG plots of the logged curves with labelled axes and units.
 """
 
 import os
@@ -29,20 +29,22 @@ def png_size(path):
 
 
 def log_a_run(report):
-    report.log("Chat evaluation sft", [{"source": "sft"}, {"ARC-Easy": 0.41, "GSM8K": 0.05, "SpellingBee": 0.9}, {"ChatCORE": 0.2}])
+    report.log("Chat evaluation sft", [{"source": "sft"}, {"ARC-Easy": 0.41, "GSM8K": 0.05, "SpellingBee": 0.9},
+                                       {"ChatCORE": 0.2}])
     report.log("Base model training", [{"depth": 4, "val_bpb": 1.23}, "trained on the embedded corpus"])
     report.log("Base model evaluation", [{"CORE": 0.11}])
     report.log("Chat evaluation mid", [{"ARC-Easy": 0.33, "Arithmetic": 0.6}])
     report.log("Tokenizer training", [{"vocab_size": 4096}])
     report.log_series("base loss: train", range(20), [3.0 - 0.1 * s for s in range(20)])
     report.log_series("base loss: val", [0, 10, 19], [3.1, 2.2, 1.3])
+    report.log_series("val bpb", [0, 2_000_000, 4_000_000], [2.5, 1.4, 1.2],
+                      x_label="tokens", y_label="val bpb (bits per byte)")
 
 
-@pytest.mark.parametrize("use_matplotlib", [False, True])
-def test_reset_log_generate_makes_a_complete_report(report, tmp_path, use_matplotlib):
+def test_reset_log_generate_makes_a_complete_report(report, tmp_path):
     report.reset()
     log_a_run(report)
-    path = report.generate(use_matplotlib=use_matplotlib)
+    path = report.generate()
     text = open(path).read()
     assert open(tmp_path / "report.md").read() == text  # copied to the working directory
     # header
@@ -65,11 +67,11 @@ def test_reset_log_generate_makes_a_complete_report(report, tmp_path, use_matplo
     assert rows["MMLU"] == ["-", "-", "-", "-"] and rows["HumanEval"] == ["-", "-", "-", "-"]
     assert rows["Arithmetic"] == ["-", "0.6000", "-", "-"]
     assert "Total wall clock time:" in text
-    # the loss plot is linked and is a valid PNG, beside both copies
-    assert "![base loss](base-loss.png)" in text
-    width, height = png_size(os.path.join(os.path.dirname(path), "base-loss.png"))
-    assert (width, height) == (640, 400)
-    assert png_size(tmp_path / "base-loss.png") == (640, 400)
+    # one plot per group, linked, a valid 800x500 PNG beside both copies
+    for group, fname in (("base loss", "base-loss.png"), ("val bpb", "val-bpb.png")):
+        assert f"![{group}]({fname})" in text
+        assert png_size(os.path.join(os.path.dirname(path), fname)) == (800, 500)
+        assert png_size(tmp_path / fname) == (800, 500)
 
 
 def test_logging_a_section_again_replaces_it(report):
@@ -88,15 +90,39 @@ def test_reset_clears_the_previous_run(report):
     assert "## Chat RL" not in text
 
 
-def test_builtin_png_draws_the_curve():
-    from nanochat.report import plot_png_builtin
-    import zlib
-    data = plot_png_builtin([("loss", [0, 1, 2], [3.0, 2.0, 1.0])], width=100, height=80)
-    assert struct.unpack(">II", data[16:24]) == (100, 80)
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    raw = zlib.decompress(data[41:41 + idat_len])
-    assert len(raw) == 80 * (1 + 100 * 3)
-    assert bytes((31, 119, 180)) in raw  # the series colour is on the canvas
+def test_plots_label_their_axes_with_units(report, monkeypatch):
+    import nanochat.report as report_module
+    figures = {}
+
+    def spy(title, *args, **kwargs):
+        figures[title] = real(title, *args, **kwargs)
+        return figures[title]
+    real = report_module.plot_figure
+    monkeypatch.setattr(report_module, "plot_figure", spy)
+    report.reset()
+    log_a_run(report)
+    report.generate(copy_to_cwd=False)
+    assert sorted(figures) == ["base loss", "val bpb"]
+    (ax,) = figures["base loss"].axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "loss (nats per token)", "base loss")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "val"]
+    (ax,) = figures["val bpb"].axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("tokens", "val bpb (bits per byte)")
+    assert "2M" in [t.get_text().replace(" ", "") for t in ax.get_xticklabels()]  # token counts in engineering units
+
+
+def test_the_png_shows_the_curve(report):
+    import matplotlib.image
+    import numpy as np
+    report.reset()
+    report.log_series("train loss", range(50), [3.0 - 0.04 * s for s in range(50)])
+    report.generate(copy_to_cwd=False)
+    pixels = matplotlib.image.imread(os.path.join(report.report_dir, "train-loss.png"))[..., :3]
+    line_colour = np.abs(pixels - [0.12, 0.47, 0.71]).max(axis=-1) < 0.05  # matplotlib's first colour
+    assert line_colour.sum() > 500  # a line across the plot, not a dot
+    rows, cols = line_colour.nonzero()
+    # falling loss: the line's left end is higher on the image (smaller row) than its right end
+    assert rows[cols < cols.min() + 20].mean() < rows[cols > cols.max() - 20].mean()
 
 
 def test_other_ranks_write_nothing(tmp_path, monkeypatch):
@@ -112,6 +138,6 @@ def test_other_ranks_write_nothing(tmp_path, monkeypatch):
 
 def test_command_line_reset_and_generate(report, tmp_path, capsys):
     assert main(["reset"]) == 0
-    assert main(["generate", "--no-matplotlib"]) == 0
+    assert main(["generate"]) == 0
     assert os.path.exists(tmp_path / "report.md")
     assert "report written" in capsys.readouterr().out

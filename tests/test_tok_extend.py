@@ -1,4 +1,4 @@
-"""Extending a trained tokenizer (issue 7 §1): new tokens are appended, no existing id ever changes,
+"""Extending a trained tokenizer : new tokens are appended, no existing id ever changes,
 and the result records where it came from."""
 
 import json
@@ -11,8 +11,9 @@ import pytest
 import regex
 
 from nanochat.common import NanochatError
-from nanochat.tokenizer import (SPECIAL_TOKENS, UNK_TOKEN, CharTokenizer, HFTokenizer, RustBPETokenizer,
-                                extend_tokenizer, load_tokenizer)
+from nanochat.hf_tokenizer import HFTokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, UNK_TOKEN, CharTokenizer, RustBPETokenizer, load_tokenizer
+from nanochat.vocab_extension import extend_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V0 = 400

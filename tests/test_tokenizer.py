@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from nanochat.common import NanochatError
-from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, UNK_TOKEN, CharTokenizer, HFTokenizer,
-                                RustBPETokenizer, check_fingerprint, get_token_bytes, load_tokenizer)
+from nanochat.hf_tokenizer import HFTokenizer
+from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, UNK_TOKEN, CharTokenizer, RustBPETokenizer,
+                                check_fingerprint, get_token_bytes, load_tokenizer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be "

@@ -1,4 +1,4 @@
-"""The seed scenario of issue 7 end to end on a tiny model: train with tokenizer V0, extend the
+"""Growing a trained model's vocabulary end to end on a tiny model: train with tokenizer V0, extend the
 vocabulary by 81 tokens (a second language's tokens + new specials), grow the checkpoint, train on
 with the old rows frozen, and check that the doctor tells a good setup from a mismatched one."""
 
@@ -15,7 +15,8 @@ from nanochat import checkpoint_manager as cm
 from nanochat import dataset, doctor
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
-from nanochat.tokenizer import RustBPETokenizer, extend_tokenizer, load_tokenizer
+from nanochat.tokenizer import RustBPETokenizer, load_tokenizer
+from nanochat.vocab_extension import extend_tokenizer
 from scripts import base_train, extend_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
