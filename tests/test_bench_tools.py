@@ -95,3 +95,17 @@ def test_bandwidth_benchmark_reports_both_weight_precisions_against_the_limit():
                    "--rounds", "1", "--new-tokens", "3", "--buffer-mb", "8")
     assert "fp32 weights:" in out and "bf16 weights:" in out and "of the bandwidth limit" in out
     assert "top-1 agreement" in out
+
+
+def test_train_benchmark_without_a_reference_prints_absolute_figures_and_no_ratio():
+    out = run_tool("dev.bench_train", "--threads", "1", "--depth", "1", "--seq", "32", "--batch", "1",
+                   "--vocab", "256", "--rounds", "1", "--steps", "1", "--warmup", "1")
+    assert "full step" in out and "of it" in out  # fwd+bwd as a % of the matmul peak
+    assert "full step, same run" not in out and "x (median" not in out  # no ratio without a reference
+
+
+def test_engine_benchmark_without_a_reference_prints_absolute_figures_and_no_ratio():
+    out = run_tool("dev.bench_engine", "--threads", "1", "--depth", "1", "--vocab-size", "300", "--batch-sizes", "1",
+                   "--new-tokens", "4", "--repeats", "1", "--skip-no-cache")
+    assert "engine (KV cache)" in out and "% of" in out
+    assert "same run" not in out and "nanochat" not in out
