@@ -47,7 +47,8 @@ class DecodeWeights:
     def __init__(self, model, weights_dtype=None):
         self.model = model
         self.dtype = weights_dtype
-        self.transposed = weights_dtype is None and model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS
+        self.transposed = (weights_dtype is None and model.lm_head.weight.dtype == torch.float32
+                           and model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS)
         self.key = None
         self.layers = None
         self.head = None
@@ -75,11 +76,12 @@ class DecodeWeights:
         return self.layers, self.head
 
     def matmul(self, x, w):
-        """x (N, in) fp32 times a prepared matrix -> (N, out) fp32 (bf16 weights multiply in bf16)."""
+        """x (N, in) times a prepared matrix -> (N, out) in x's dtype (the multiply runs in the
+        weights' dtype: a bf16 copy multiplies in bf16)."""
         if self.transposed:
             return torch.mm(x, w)
         if w.dtype != x.dtype:
-            return F.linear(x.to(w.dtype), w).float()
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w)
 
 
@@ -113,7 +115,8 @@ def _rotation(cos, sin):
 def decode_step(model, weights, ids, cache):
     """ids (B,) int64, the newest token of every row; cache: engine.KVCache already holding the
     prefix (pos > 0). Appends this token's keys/values to the cache and returns the next-token
-    logits (B, vocab_size) fp32, soft-capped as GPT.forward returns them."""
+    logits (B, vocab_size) fp32, soft-capped as GPT.forward returns them. Activations are in the
+    dtype the prefill computed in (the cache's): fp32, or e.g. bf16 for a model cast to bf16."""
     cfg = model.config
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     B, pos = ids.size(0), cache.pos
@@ -122,15 +125,19 @@ def decode_step(model, weights, ids, cache):
     layers, head = weights.get()
     mm = weights.matmul
     cos, sin = model._rotary_slice(pos, 1)
-    rotation = _rotation(cos.view(D).float(), sin.view(D).float())
-    eps = torch.tensor(cfg.rms_eps ** 0.5, device=ids.device)  # sqrt(eps), for _rms
+    dtype = cache.k.dtype
+    rotation = _rotation(cos.view(D).float(), sin.view(D).float()).to(dtype)
+    if dtype == torch.float32:
+        root_eps = torch.tensor(cfg.rms_eps ** 0.5, device=ids.device)
+        norm = lambda t: _rms(t, root_eps)  # noqa: E731
+    else:  # reduced precision: torch's rms_norm, which normalises in fp32 as GPT.forward does
+        norm = lambda t: F.rms_norm(t, (t.size(-1),), eps=cfg.rms_eps)  # noqa: E731
 
-    x = F.embedding(ids, model.transformer.wte.weight).float()  # (B, C)
-    x = _rms(x, eps)  # the embedding's RMSNorm
+    x = norm(F.embedding(ids, model.transformer.wte.weight).to(dtype))  # (B, C), the embedding's RMSNorm
     for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(layers):
-        qkv = mm(_rms(x, eps), w_qkv).view(B, H + 2 * Hkv, D)
+        qkv = mm(norm(x), w_qkv).view(B, H + 2 * Hkv, D)
         # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
-        qk = torch.mm(_rms(qkv[:, :H + Hkv], eps).view(-1, D), rotation).view(B, H + Hkv, D)
+        qk = torch.mm(norm(qkv[:, :H + Hkv]).view(-1, D), rotation).view(B, H + Hkv, D)
         layer_k, layer_v = cache.k[i], cache.v[i]  # (B, Hkv, T_max, D)
         layer_k.select(2, pos).copy_(qk[:, H:])
         layer_v.select(2, pos).copy_(qkv[:, H + Hkv:])
@@ -139,9 +146,9 @@ def decode_step(model, weights, ids, cache):
         q = qk[:, :H].view(B, Hkv, H // Hkv, D)
         y = F.scaled_dot_product_attention(q, keys, values).view(B, H * D)
         x += mm(y, w_o)
-        x += mm(mm(_rms(x, eps), w_fc).relu_().square_(), w_proj)
+        x += mm(mm(norm(x), w_fc).relu_().square_(), w_proj)
     cache.pos = pos + 1
-    logits = mm(_rms(x, eps), head)
+    logits = mm(norm(x), head).float()
     if cfg.softcap > 0:
         logits.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
     return logits

@@ -98,3 +98,18 @@ def test_a_full_cache_is_refused():
     plain, fast = prefilled_caches(model, batch=1, prompt_len=4, max_len=4)
     with pytest.raises(NanochatError, match="KV cache overflow"):
         fast_decode.decode_step(model, fast_decode.DecodeWeights(model), torch.tensor([3]), fast)
+
+
+def test_a_model_cast_to_bf16_decodes_in_bf16_close_to_its_own_forward():
+    model = random_model(n_kv_head=2).to(torch.bfloat16)
+    weights = fast_decode.DecodeWeights(model)
+    assert not weights.transposed  # its own bf16 weights, no copy
+    plain, fast = prefilled_caches(model, batch=2, prompt_len=5)
+    assert fast.k.dtype == torch.bfloat16
+    with torch.inference_mode():
+        ids = torch.tensor([3, 7])
+        expected = model(ids.view(-1, 1), kv_cache=plain)[:, -1, :]
+        got = fast_decode.decode_step(model, weights, ids, fast)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 0.5  # both bf16; the sums round differently
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
