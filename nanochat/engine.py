@@ -19,6 +19,7 @@ import collections
 import torch
 import torch.nn.functional as F
 
+from nanochat import fast_decode
 from nanochat.common import NanochatError
 from nanochat.calculator import eval_calculator
 
@@ -199,9 +200,11 @@ class RowState:
 # The engine
 
 class Engine:
-    def __init__(self, model, tokenizer, tools=True):
+    def __init__(self, model, tokenizer, tools=True, weights_dtype=None):
         """tools=False: python blocks are plain tokens, never run (raw continuation of a text
-        must match the model's own greedy output, with nothing forced into it)."""
+        must match the model's own greedy output, with nothing forced into it).
+        weights_dtype (e.g. torch.bfloat16): decode with a copy of the weights in that dtype
+        (see fast_decode); None decodes with the model's own precision."""
         self.model = model
         self.tokenizer = tokenizer
         enc = tokenizer.encode_special
@@ -218,6 +221,14 @@ class Engine:
             # reuse freed heap memory instead of fresh mmap()s for every (B, vocab) temporary
             from nanochat.cpu_allocator import configure_cpu_allocator
             configure_cpu_allocator()
+        # self.fast: the weights of the flat one-token step (fast_decode), used on CPU; None (other
+        # devices, the qwen2 arch, or set by a caller) decodes through model.forward
+        self.fast = None
+        if fast_decode.supports(model) and (self.device.type == "cpu" or weights_dtype is not None):
+            self.fast = fast_decode.DecodeWeights(model, weights_dtype)
+        elif weights_dtype is not None:
+            raise NanochatError(f"decoding with {weights_dtype} weights needs the nanochat arch, "
+                                f"not {model.config.arch}")
 
     @property
     def device(self):
@@ -297,7 +308,10 @@ class Engine:
                 keep_t = torch.tensor(keep, dtype=torch.long, device=device)
                 cache.keep_rows(keep_t)
                 next_ids = next_ids.index_select(0, keep_t)
-            logits = model(next_ids.view(-1, 1), kv_cache=cache)[:, -1, :]
+            if self.fast is not None:
+                logits = fast_decode.decode_step(model, self.fast, next_ids, cache)
+            else:
+                logits = model(next_ids.view(-1, 1), kv_cache=cache)[:, -1, :]
 
     def _step_tool_state(self, rows, active, column, masks):
         """The slow path of one step: forced ids, python blocks, stop tokens. Edits column/masks in

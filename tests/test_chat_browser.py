@@ -38,7 +38,9 @@ def served():
     model = long_talker(tokenizer, prompt, MAX_TOKENS)  # a long answer, so streaming is visible
     forward = model.forward
     model.forward = lambda *a, **k: (time.sleep(0.005), forward(*a, **k))[1]  # ~1 s per answer
-    with ChatServer(create_app([Worker(model, tokenizer)], max_tokens=MAX_TOKENS)) as server:
+    worker = Worker(model, tokenizer)
+    worker.engine.fast = None  # decode through the slowed-down model.forward, not the flat fast path
+    with ChatServer(create_app([worker], max_tokens=MAX_TOKENS)) as server:
         yield server, model, tokenizer
 
 
