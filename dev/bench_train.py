@@ -104,7 +104,6 @@ def main(argv=None):
     y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
 
     def fwd_bwd():
-        nonlocal train_model
         with autocast:
             loss = train_model(x, y)
         loss.backward()

@@ -17,7 +17,6 @@ The pretraining data loader: documents -> BOS-aligned packed rows -> (inputs, ta
 """
 
 import bisect
-import os
 import queue
 import threading
 

@@ -34,7 +34,6 @@ assistant message are tokenized as one text (we tokenize each part alone). And t
 has no calculator: after <|python_end|> the model goes on by itself where our Engine inserts the tool's output.
 """
 
-import json
 import os
 import shutil
 import tempfile
