@@ -1,7 +1,7 @@
 """
 Decode throughput of the inference engine, with and without the KV cache, at batch 1 and 16.
 
-Shape (the issue's): a depth-4 nanochat model with random weights, vocab 8192, a 64-token
+Shape: a depth-4 nanochat model with random weights, vocab 8192, a 64-token
 prompt, 128 new tokens, temperature 1.0 (full-vocab sampling). Throughput = generated tokens /
 seconds for the whole generate call (prefill included). Each case runs --repeats times after a
 warm-up; we print best and median, of wall-clock time and of this process's CPU time (which is
