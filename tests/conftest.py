@@ -19,7 +19,20 @@ import nanochat.checkpoint_manager as cm
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import CharTokenizer
 
+# base_train flags for a one-layer model on a few hundred characters: a step takes milliseconds
+TINY_TRAIN_ARGS = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
+                   "--eval-tokens", "64", "--sample-every", "0", "--device", "cpu", "--buffer-docs", "8"]
 CORPUS = "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789 +-*/=?,"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run many times faster without intra-op threading
+    (use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_tokenizer(corpus=CORPUS):

@@ -21,19 +21,12 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import AdamW, Muon
 from nanochat.tokenizer import CharTokenizer
 from scripts import base_train
+from conftest import TINY_TRAIN_ARGS as TINY  # the shared tiny-run flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
-        "--eval-tokens", "64", "--sample-every", "0", "--device", "cpu", "--buffer-docs", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run many times faster without intra-op threading."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -35,13 +35,7 @@ CORE_YAML = """icl_tasks:
 META_CSV = "Eval Task,Task Category,Random baseline\nmc_task,x,25\nschema_task,x,50\nlm_task,x,0\n"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run many times faster without intra-op threading."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_items(seed=0):

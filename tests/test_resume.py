@@ -15,17 +15,10 @@ from nanochat import dataset
 from nanochat.common import ArgumentParser, NanochatError
 from nanochat.tokenizer import CharTokenizer
 from scripts import base_train, mid_train
-
-TINY = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
-        "--eval-tokens", "64", "--sample-every", "0", "--device", "cpu", "--buffer-docs", "8"]
+from conftest import TINY_TRAIN_ARGS as TINY  # the shared tiny-run flags
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
