@@ -35,6 +35,41 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def tiny_base_run(base, num_iterations, save_every, tag="r"):
+    """Fill the folder `base` with three parquet shards of random words, a character tokenizer and a
+    base_train run `tag` of `num_iterations` steps saved every `save_every`: where the resume and
+    checkpoint-integrity tests start. Returns `base`."""
+    import os
+    import random
+    from nanochat import dataset
+    from scripts import base_train
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    try:
+        rng = random.Random(0)
+        words = "the a cat dog sat on mat and ran far away big small red blue".split()
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
+        os.makedirs(base / "base_data")
+        for s in range(3):
+            shard = str(base / "base_data" / dataset.shard_name(s))
+            dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
+        CharTokenizer.train_from_iterator(docs).save(str(base / "tokenizer"))
+        torch.set_num_threads(1)
+        assert base_train.main(TINY_TRAIN_ARGS + ["--num-iterations", str(num_iterations), "--save-every",
+                                                  str(save_every), "--eval-every", "0", "--model-tag", tag]) == 0
+    finally:
+        del os.environ["NANOCHAT_BASE_DIR"]
+    return base
+
+
+def private_copy(base, tmp_path, monkeypatch):
+    """A copy of the folder `base` that a test may damage, made the NANOCHAT_BASE_DIR."""
+    import shutil
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(copy))
+    return copy
+
+
 def tiny_tokenizer(corpus=CORPUS):
     """A character tokenizer of `corpus` (plus the special tokens): trained in microseconds."""
     return CharTokenizer.train_from_iterator([corpus])

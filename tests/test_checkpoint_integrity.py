@@ -5,7 +5,6 @@ a checkpoint/tokenizer mismatch."""
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -15,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanochat import checkpoint_manager as cm
-from nanochat import dataset, doctor
+from nanochat import doctor
 from nanochat.common import NanochatError
 from nanochat.tokenizer import CharTokenizer
 from scripts import base_train, chat_cli, export_hf
-from conftest import TINY_TRAIN_ARGS as TINY  # the shared tiny-run flags
+from conftest import private_copy, tiny_base_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,32 +29,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A base dir with data, a char tokenizer and a base run 'r' saved at steps 2 and 4 (built once)."""
-    base = tmp_path_factory.mktemp("trained")
-    os.environ["NANOCHAT_BASE_DIR"] = str(base)
-    try:
-        rng = random.Random(0)
-        words = "the a cat dog sat on mat and ran far away big small red blue".split()
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
-        os.makedirs(base / "base_data")
-        for s in range(3):
-            shard = str(base / "base_data" / dataset.shard_name(s))
-            dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
-        CharTokenizer.train_from_iterator(docs).save(str(base / "tokenizer"))
-        torch.set_num_threads(1)
-        assert base_train.main(TINY + ["--num-iterations", "4", "--save-every", "2", "--eval-every", "0",
-                                       "--model-tag", "r"]) == 0
-    finally:
-        del os.environ["NANOCHAT_BASE_DIR"]
-    return base
+    return tiny_base_run(tmp_path_factory.mktemp("trained"), num_iterations=4, save_every=2)
 
 
 @pytest.fixture()
 def base(trained, tmp_path, monkeypatch):
     """A private copy of the trained base dir, as NANOCHAT_BASE_DIR."""
-    copy = tmp_path / "base"
-    shutil.copytree(trained, copy)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(copy))
-    return copy
+    return private_copy(trained, tmp_path, monkeypatch)
 
 
 def step_dir(base, step, stage="base_checkpoints", tag="r"):

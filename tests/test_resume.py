@@ -3,19 +3,14 @@ cadence flags may change (applied and logged); a flag that would silently change
 --override-args. Same rules for base_train and the post-training stages."""
 
 import json
-import os
-import random
 import shutil
 
 import pytest
-import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat import dataset
 from nanochat.common import ArgumentParser, NanochatError
-from nanochat.tokenizer import CharTokenizer
 from scripts import base_train, mid_train
-from conftest import TINY_TRAIN_ARGS as TINY  # the shared tiny-run flags
+from conftest import TINY_TRAIN_ARGS as TINY, private_copy, tiny_base_run
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,31 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A base dir with data, a char tokenizer and a base run 'r' (2 steps, saved at 1 and 2)."""
-    base = tmp_path_factory.mktemp("resume")
-    os.environ["NANOCHAT_BASE_DIR"] = str(base)
-    try:
-        rng = random.Random(0)
-        words = "the a cat dog sat on mat and ran far away big small red blue".split()
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
-        os.makedirs(base / "base_data")
-        for s in range(3):
-            shard = str(base / "base_data" / dataset.shard_name(s))
-            dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
-        CharTokenizer.train_from_iterator(docs).save(str(base / "tokenizer"))
-        torch.set_num_threads(1)
-        assert base_train.main(TINY + ["--num-iterations", "2", "--save-every", "1", "--eval-every", "0",
-                                       "--model-tag", "r"]) == 0
-    finally:
-        del os.environ["NANOCHAT_BASE_DIR"]
-    return base
+    return tiny_base_run(tmp_path_factory.mktemp("trained"), num_iterations=2, save_every=1)
 
 
 @pytest.fixture()
 def base(trained, tmp_path, monkeypatch):
-    copy = tmp_path / "base"
-    shutil.copytree(trained, copy)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(copy))
-    return copy
+    """A private copy of the trained base dir, as NANOCHAT_BASE_DIR."""
+    return private_copy(trained, tmp_path, monkeypatch)
 
 
 def final_meta(base, step, tag="r"):
