@@ -178,6 +178,7 @@ def check_mid_sft_eval(sizes, work, env):
 def check_engine_decode(sizes, work):
     """Engine decode speed with random bf16 weights at the run's depth and vocab (speed, not quality)."""
     import torch
+    from dev.nanochat_reference import count_tokens
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.tokenizer import load_tokenizer
@@ -191,23 +192,19 @@ def check_engine_decode(sizes, work):
     engine = Engine(model, tokenizer)
     prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog.", prepend=tokenizer.get_bos_token_id())
     figures = []
+    stops = (engine.assistant_end, engine.bos)
     for batch in sizes["decode_batches"]:
         for attempt in ("warm-up", "timed"):
-            produced = [0] * batch
-            done = [False] * batch
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-            for column, _ in engine.generate(prompt, num_samples=batch, max_tokens=sizes["decode_tokens"],
-                                             temperature=1.0, seed=0):
-                for row, token in enumerate(column):
-                    if not done[row]:
-                        produced[row] += 1
-                        done[row] = token in (engine.assistant_end, engine.bos)
+            # counted as the decode benchmarks count: every unfinished row of each column
+            produced = count_tokens(engine.generate(prompt, num_samples=batch, max_tokens=sizes["decode_tokens"],
+                                                    temperature=1.0, seed=0), batch, stops)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-        figures.append(f"batch {batch}: {sum(produced) / dt:,.0f} tok/s")
+        figures.append(f"batch {batch}: {produced / dt:,.0f} tok/s")
     return ", ".join(figures) + " (bf16)"
 
 
