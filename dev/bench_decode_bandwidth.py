@@ -94,11 +94,12 @@ def bf16_cost(model, fp32_engine, bf16_engine, prompt, steps):
         model(torch.tensor([prompt]), kv_cache=cache)
         caches.append(cache)
     g = torch.Generator().manual_seed(0)
+    fp32_prepared, bf16_prepared = fp32_engine.fast.get(), bf16_engine.fast.get()
     kls, agree = [], 0
     for _ in range(steps):
         ids = torch.randint(0, model.config.vocab_size - len(SPECIAL_TOKENS), (1,), generator=g)
-        a = fast_decode.decode_step(model, fp32_engine.fast, ids, caches[0]).log_softmax(-1)
-        b = fast_decode.decode_step(model, bf16_engine.fast, ids, caches[1]).log_softmax(-1)
+        a = fast_decode.decode_step(model, fp32_prepared, ids, caches[0]).log_softmax(-1)
+        b = fast_decode.decode_step(model, bf16_prepared, ids, caches[1]).log_softmax(-1)
         kls.append((a.exp() * (a - b)).sum().item())
         agree += int(a.argmax() == b.argmax())
     return statistics.mean(kls), agree / steps

@@ -281,6 +281,7 @@ class Engine:
         rows = [RowState() for _ in range(num_samples)]
         active = list(range(num_samples))
         busy = 0  # rows inside a python block or with forced ids pending: need the slow path
+        prepared = self.fast.get() if self.fast is not None else None  # weights checked once per call
         watched, end = self.watched, self.assistant_end
         for step in range(max_new):
             next_ids = sample_next(logits, generator, temperature, top_k, top_p)  # (B_active,)
@@ -309,7 +310,7 @@ class Engine:
                 cache.keep_rows(keep_t)
                 next_ids = next_ids.index_select(0, keep_t)
             if self.fast is not None:
-                logits = fast_decode.decode_step(model, self.fast, next_ids, cache)
+                logits = fast_decode.decode_step(model, prepared, next_ids, cache)
             else:
                 logits = model(next_ids.view(-1, 1), kv_cache=cache)[:, -1, :]
 

@@ -1,19 +1,28 @@
 """
 One decoding step (one new token per row) of a nanochat-arch GPT, written out flat.
 
-Why: at the sizes a CPU decodes (d4-d20, batch 1-16) a step is a handful of small matmuls plus ~150
+Why: at the sizes a CPU decodes (d4-d20, batch 1-16) a step is a handful of small matmuls plus ~100
 tiny ops, and a profile of `GPT.forward` at T=1 shows the tiny ops, module calls and the generic
-attention kernel costing as much as the matmuls (dev/BENCHMARKS.md, "Decode profile"). This path
-computes exactly what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, but on 2-D (B, C)
-activations with fewer, cheaper ops: RMSNorm in 4 small ops, the stacked q/k/v weight, QK-norm on q
-and k together, rotary as one (D, D) matmul, keys/values written straight into the preallocated
-cache at the current position, attention of the single query by SDPA over the cached prefix
-(grouped-query heads by a view, never a copy), ReLU² and the residual adds in place, and matrices
-laid out for x @ W (see DecodeWeights). Optional reduced-precision weights
-(`weights_dtype=torch.bfloat16`): every matmul reads bf16 weights (half the bytes per token, which
-is what bounds a large model's decode on a CPU), activations stay fp32.
-tests/test_fast_decode.py checks it against the plain forward.
+attention kernel costing as much as the matmuls (dev/BENCHMARKS.md, "Decode profile"). Inside a
+step each tiny op costs 10-25 us rather than the 2-5 us it costs in a loop of its own (the weights
+streamed by the matmuls evict its code and data from the caches), so the count of ops is what this
+file minimises. It computes what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, on 2-D (B, C)
+activations:
+- RMSNorm in 3 ops: rms_norm(x) = sqrt(C) * x / hypot(||x||, sqrt(C * eps)); the constant sqrt(C)
+  is folded into the prepared copy of the matrix that reads the normalised x (DecodeWeights);
+- the embedding's RMSNorm precomputed once per weights (a normalised copy of the table);
+- the stacked q/k/v weight; QK-norm on q and k together, then rotary as one (D, D) matmul whose
+  matrices are built for a block of positions at once (RotaryMatrices);
+- keys/values written straight into the preallocated cache, attention of the single query by SDPA
+  over the cached prefix (grouped-query heads by a view, never a copy);
+- ReLU² and the residual adds in place; the 1/softcap of the logits folded into the head's copy;
+- matrices laid out for x @ W on small models.
+Optional reduced-precision weights (`weights_dtype=torch.bfloat16`): every matmul reads bf16 weights
+(half the bytes per token, which is what bounds a large model's decode on a CPU), activations stay
+fp32. tests/test_fast_decode.py checks it against the plain forward.
 """
+
+import collections
 
 import torch
 import torch.nn.functional as F
@@ -33,122 +42,196 @@ def supports(model):
 TRANSPOSED_COPY_MAX_PARAMS = 100_000_000
 
 
+# -----------------------------------------------------------------------------
+# Weights and constants, prepared once per version of the model's parameters
+
+Prepared = collections.namedtuple("Prepared", "layers head embed transposed folded consts rotary")
+Prepared.__doc__ = """What one step reads.
+layers: per block (w_qkv, w_o, w_fc, w_proj); head: the output matrix (vocab_size rows only);
+embed: the RMS-normalised embedding table, or None (normalised per step); transposed: matrices are
+(in, out); folded: the matrices after a norm carry its sqrt(C), the head also 1/softcap; consts:
+0-d tensors (a Python float operand costs a scalar-to-tensor copy per op); rotary: RotaryMatrices."""
+
+
 class DecodeWeights:
-    """The matrices one step reads, prepared once and rebuilt when any parameter changes (its
-    version counter), as gpt's own q/k/v cache does.
+    """The matrices one step reads, prepared by `get()` and rebuilt when any parameter changes (its
+    version counter), as gpt's own q/k/v cache does. `get()` checks every parameter, so a caller
+    gets it once per generation, not once per step.
     - Small fp32 models: every matrix is stored transposed and contiguous, (in, out), because on
       CPU `x @ Wt` with 1..16 rows is 1.3-2x faster than F.linear on the (out, in) weight
-      (dev/BENCHMARKS.md); that is a second copy of the weights.
+      (dev/BENCHMARKS.md); that is a second copy of the weights, plus a normalised embedding table.
     - Large fp32 models: the model's own (out, in) weights, no copy.
     - `weights_dtype` (e.g. torch.bfloat16): an (out, in) copy in that dtype, whatever the size: half
       the bytes per token, which is what bounds a large model's decode on a CPU. (For bf16, oneDNN's
-      (out, in) kernels read faster than x @ Wt: 40 vs 30 GB/s on a d20 matrix.)"""
+      (out, in) kernels read faster than x @ Wt: 40 vs 30 GB/s on a d20 matrix.)
+    Whenever a copy is made of an fp32 model's weights, the norms' sqrt(C) and 1/softcap go into it."""
 
     def __init__(self, model, weights_dtype=None):
         self.model = model
         self.dtype = weights_dtype
-        self.transposed = (weights_dtype is None and model.lm_head.weight.dtype == torch.float32
-                           and model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS)
+        fp32 = model.lm_head.weight.dtype == torch.float32
+        self.transposed = weights_dtype is None and fp32 and model.num_params() <= TRANSPOSED_COPY_MAX_PARAMS
+        self.folded = fp32 and (self.transposed or weights_dtype is not None)
         self.key = None
-        self.layers = None
-        self.head = None
+        self.prepared = None
 
     def _version(self):
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
-
-    def _prep(self, w):
-        if self.transposed:
-            return w.t().contiguous()
-        return w if self.dtype is None else w.to(self.dtype).contiguous()
 
     @torch.no_grad()
     def get(self):
         key = self._version()
         if key != self.key:
-            prep, layers = self._prep, []
-            for block in self.model.transformer.h:
-                a, m = block.attn, block.mlp
-                qkv = a.qkv_weight()[0]  # q, k, v stacked (cached by the attention module)
-                layers.append((prep(qkv), prep(a.c_proj.weight), prep(m.c_fc.weight), prep(m.c_proj.weight)))
-            self.layers = layers
-            self.head = prep(self.model.lm_head.weight[:self.model.config.vocab_size])
+            self.prepared = self._build()
             self.key = key
-        return self.layers, self.head
+        return self.prepared
 
-    def matmul(self, x, w):
-        """x (N, in) times a prepared matrix -> (N, out) in x's dtype (the multiply runs in the
-        weights' dtype: a bf16 copy multiplies in bf16)."""
+    def _prep(self, w, scale=1.0):
+        if self.folded and scale != 1.0:
+            w = w * scale
         if self.transposed:
-            return torch.mm(x, w)
-        if w.dtype != x.dtype:
-            return F.linear(x.to(w.dtype), w).to(x.dtype)
-        return F.linear(x, w)
+            return w.t().contiguous()
+        return w if self.dtype is None else w.to(self.dtype).contiguous()
+
+    def _build(self):
+        model, cfg = self.model, self.model.config
+        root_c = cfg.n_embd ** 0.5
+        layers = []
+        for block in model.transformer.h:
+            a, m = block.attn, block.mlp
+            qkv = a.qkv_weight()[0]  # q, k, v stacked (cached by the attention module)
+            layers.append((self._prep(qkv, root_c), self._prep(a.c_proj.weight),
+                           self._prep(m.c_fc.weight, root_c), self._prep(m.c_proj.weight)))
+        head_scale = root_c / cfg.softcap if cfg.softcap > 0 else root_c
+        head = self._prep(model.lm_head.weight[:cfg.vocab_size], head_scale)
+        wte = model.transformer.wte.weight
+        embed = F.rms_norm(wte, (cfg.n_embd,), eps=cfg.rms_eps) if self.transposed else None
+        const = lambda v: torch.tensor(v, dtype=torch.float32, device=wte.device)  # noqa: E731
+        consts = {"root_c": const(root_c), "root_c_eps": const((cfg.n_embd * cfg.rms_eps) ** 0.5),
+                  "root_d_eps": const((cfg.head_dim * cfg.rms_eps) ** 0.5), "softcap": const(cfg.softcap)}
+        return Prepared(layers, head, embed, self.transposed, self.folded, consts, RotaryMatrices(model))
 
 
-def _rms(x, root_eps):
-    """F.rms_norm(x, eps) over the last dim in 4 small ops instead of its ~8 on CPU:
-    x * rsqrt(mean(x^2) + eps) = x / hypot(||x|| / sqrt(dim), sqrt(eps)); root_eps: a 0-d tensor."""
-    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).mul_(x.size(-1) ** -0.5)
-    return x / torch.hypot(rms, root_eps)
+def matmul(prepared, x, w):
+    """x (N, in) times a prepared matrix -> (N, out) in x's dtype (a reduced-precision copy
+    multiplies in its own dtype)."""
+    if prepared.transposed:
+        return torch.mm(x, w)
+    if w.dtype != x.dtype:
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+    return F.linear(x, w)
 
 
-_ROTATION_BASIS = {}
+def add_matmul_(prepared, out, x, w):
+    """out += x @ (prepared matrix), in one op where the dtypes agree (the residual adds)."""
+    if w.dtype != out.dtype:
+        return out.add_(matmul(prepared, x, w))
+    return out.addmm_(x, w if prepared.transposed else w.t())
 
 
-def _rotation(cos, sin):
-    """The (D, D) matrix M with x @ M = rotary(x) = x * cos + rotate_half(x) * sin at one position:
-    one small matmul per layer instead of ~6 elementwise ops, built once per step in 2 ops from
-    the identity and rotate_half's signed permutation P (x @ P = rotate_half(x) = (-x2, x1))."""
-    D = cos.size(0)
-    key = (D, cos.device)
-    if key not in _ROTATION_BASIS:
-        d = D // 2
-        P = torch.zeros(D, D, device=cos.device)
-        P[d:, :d] = -torch.eye(d, device=cos.device)  # output j < d takes -x[j + d]
-        P[:d, d:] = torch.eye(d, device=cos.device)   # output j >= d takes x[j - d]
-        _ROTATION_BASIS[key] = (torch.eye(D, device=cos.device), P)
-    eye, P = _ROTATION_BASIS[key]
-    return torch.addcmul(eye * cos, P, sin)
+# -----------------------------------------------------------------------------
+# Rotary embedding as a matrix per position
+
+class RotaryMatrices:
+    """For position p the (D, D) matrix M_p with x @ M_p = rotary(x) at p = x * cos + rotate_half(x) * sin,
+    scaled by `scale` (the sqrt(D) of a QK-norm done in 3 ops). With P the signed permutation of
+    rotate_half (x @ P = (-x2, x1)): M_p = diag(cos_p) + P diag(sin_p). Built for BLOCK positions at
+    once (3 ops per block instead of per step), the most recent blocks kept (a chat revisits the
+    same positions in every turn); a block of D=128 matrices is 2 MB."""
+
+    BLOCK = 32
+    KEEP_BLOCKS = 8
+
+    def __init__(self, model):
+        self.model = model
+        self.blocks = collections.OrderedDict()
+        self.basis = {}
+
+    def _basis(self, D, device):
+        if device not in self.basis:
+            d = D // 2
+            P = torch.zeros(D, D, device=device)
+            P[d:, :d] = -torch.eye(d, device=device)  # output j < d takes -x[j + d]
+            P[:d, d:] = torch.eye(d, device=device)   # output j >= d takes x[j - d]
+            self.basis[device] = (torch.eye(D, device=device), P)
+        return self.basis[device]
+
+    def at(self, pos, dtype, scale):
+        """M_pos * scale, (D, D) in dtype."""
+        b = pos // self.BLOCK
+        key = (b, dtype, scale)
+        block = self.blocks.get(key)
+        if block is None:
+            cos, sin = self.model._rotary_slice(b * self.BLOCK, self.BLOCK)  # (1, BLOCK, 1, D)
+            D = cos.size(-1)
+            cos, sin = cos.view(-1, 1, D).float() * scale, sin.view(-1, 1, D).float() * scale
+            eye, P = self._basis(D, cos.device)
+            block = torch.addcmul(eye * cos, P, sin).to(dtype)  # (BLOCK, D, D)
+            self.blocks[key] = block
+            while len(self.blocks) > self.KEEP_BLOCKS:
+                self.blocks.popitem(last=False)
+        return block[pos - b * self.BLOCK]
+
+
+# -----------------------------------------------------------------------------
+# The step
+
+def _scaled_rms(x, root_k_eps):
+    """rms_norm(x) / sqrt(K) over the last dim K, in 3 ops: x / hypot(||x||, sqrt(K * eps))."""
+    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), root_k_eps)
 
 
 @torch.inference_mode()
-def decode_step(model, weights, ids, cache):
-    """ids (B,) int64, the newest token of every row; cache: engine.KVCache already holding the
-    prefix (pos > 0). Appends this token's keys/values to the cache and returns the next-token
-    logits (B, vocab_size) fp32, soft-capped as GPT.forward returns them. Activations are in the
-    dtype the prefill computed in (the cache's): fp32, or e.g. bf16 for a model cast to bf16."""
+def decode_step(model, prepared, ids, cache):
+    """ids (B,) int64, the newest token of every row; prepared: DecodeWeights.get(); cache:
+    engine.KVCache already holding the prefix (pos > 0). Appends this token's keys/values to the
+    cache and returns the next-token logits (B, vocab_size) fp32, soft-capped as GPT.forward returns
+    them. Activations are in the dtype the prefill computed in (the cache's): fp32, or e.g. bf16 for
+    a model cast to bf16."""
     cfg = model.config
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     B, pos = ids.size(0), cache.pos
     if pos + 1 > cache.max_len:
         raise NanochatError(f"KV cache overflow: {pos + 1} positions into a cache of {cache.max_len}")
-    layers, head = weights.get()
-    mm = weights.matmul
-    cos, sin = model._rotary_slice(pos, 1)
+    c = prepared.consts
     dtype = cache.k.dtype
-    rotation = _rotation(cos.view(D).float(), sin.view(D).float()).to(dtype)
     if dtype == torch.float32:
-        root_eps = torch.tensor(cfg.rms_eps ** 0.5, device=ids.device)
-        norm = lambda t: _rms(t, root_eps)  # noqa: E731
+        # norm_in(x): what a matmul reads (its matrix may carry the sqrt(C)); qk_norm: QK-norm / sqrt(D),
+        # whose sqrt(D) the rotation matrix carries
+        if prepared.folded:
+            norm_in = lambda t: _scaled_rms(t, c["root_c_eps"])  # noqa: E731
+        else:
+            norm_in = lambda t: _scaled_rms(t, c["root_c_eps"]).mul_(c["root_c"])  # noqa: E731
+        qk_norm = lambda t: _scaled_rms(t, c["root_d_eps"])  # noqa: E731
+        rotation = prepared.rotary.at(pos, dtype, D ** 0.5)
     else:  # reduced precision: torch's rms_norm, which normalises in fp32 as GPT.forward does
-        norm = lambda t: F.rms_norm(t, (t.size(-1),), eps=cfg.rms_eps)  # noqa: E731
+        if prepared.folded:
+            raise ValueError("weights prepared for an fp32 model cannot decode a cache of another dtype")
+        norm_in = qk_norm = lambda t: F.rms_norm(t, (t.size(-1),), eps=cfg.rms_eps)  # noqa: E731
+        rotation = prepared.rotary.at(pos, dtype, 1.0)
+    mm = lambda x, w: matmul(prepared, x, w)  # noqa: E731
 
-    x = norm(F.embedding(ids, model.transformer.wte.weight).to(dtype))  # (B, C), the embedding's RMSNorm
-    for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(layers):
-        qkv = mm(norm(x), w_qkv).view(B, H + 2 * Hkv, D)
+    if prepared.embed is not None:
+        x = F.embedding(ids, prepared.embed)  # (B, C), already RMS-normalised
+    else:
+        x = F.rms_norm(F.embedding(ids, model.transformer.wte.weight).to(dtype), (cfg.n_embd,), eps=cfg.rms_eps)
+    keys_all, values_all = cache.k.unbind(0), cache.v.unbind(0)  # per layer (B, Hkv, T_max, D)
+    for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(prepared.layers):
+        qk, v = mm(norm_in(x), w_qkv).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=1)
         # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
-        qk = torch.mm(norm(qkv[:, :H + Hkv]).view(-1, D), rotation).view(B, H + Hkv, D)
-        layer_k, layer_v = cache.k[i], cache.v[i]  # (B, Hkv, T_max, D)
-        layer_k.select(2, pos).copy_(qk[:, H:])
-        layer_v.select(2, pos).copy_(qkv[:, H + Hkv:])
+        q, k = torch.mm(qk_norm(qk).view(-1, D), rotation).view(B, H + Hkv, D).split([H, Hkv], dim=1)
+        layer_k, layer_v = keys_all[i], values_all[i]
+        layer_k.select(2, pos).copy_(k)
+        layer_v.select(2, pos).copy_(v)
         keys, values = layer_k.narrow(2, 0, pos + 1), layer_v.narrow(2, 0, pos + 1)
         # the rep = H / Hkv query heads sharing a key/value head are rep "queries" of that head
-        q = qk[:, :H].view(B, Hkv, H // Hkv, D)
-        y = F.scaled_dot_product_attention(q, keys, values).view(B, H * D)
-        x += mm(y, w_o)
-        x += mm(mm(norm(x), w_fc).relu_().square_(), w_proj)
+        y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values).view(B, H * D)
+        add_matmul_(prepared, x, y, w_o)
+        add_matmul_(prepared, x, mm(norm_in(x), w_fc).relu_().square_(), w_proj)
     cache.pos = pos + 1
-    logits = mm(norm(x), head).float()
-    if cfg.softcap > 0:
-        logits.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    logits = mm(norm_in(x), prepared.head).float()
+    if cfg.softcap > 0:  # softcap * tanh(logits / softcap); a folded head already divided
+        if not prepared.folded:
+            logits.div_(c["softcap"])
+        logits.tanh_().mul_(c["softcap"])
     return logits

@@ -1,8 +1,9 @@
 """
 The flat one-token decode step (nanochat/fast_decode.py) computes what GPT.forward computes with
 a KV cache: the same logits and the same cached keys/values, step after step, at any batch size,
-with grouped-query heads, with or without its transposed weight copy; bf16 weights stay close; a
-changed weight is picked up; a full cache is refused with the cache's own error.
+with grouped-query heads, with or without its transposed weight copy, across the blocks of rotation
+matrices; bf16 weights stay close; a changed weight is picked up; a full cache is refused with the
+cache's own error.
 """
 
 import math
@@ -41,12 +42,13 @@ def run_both(model, weights, batch, steps=6, prompt_len=5):
     """Feed the same ids to GPT.forward and decode_step; return the largest logit and cache differences."""
     plain, fast = prefilled_caches(model, batch, prompt_len)
     g = torch.Generator().manual_seed(2)
+    prepared = weights.get()  # once per generation, as the Engine does
     worst_logits = 0.0
     with torch.inference_mode():
         for _ in range(steps):
             ids = torch.randint(0, model.config.vocab_size, (batch,), generator=g)
             expected = model(ids.view(-1, 1), kv_cache=plain)[:, -1, :]
-            got = fast_decode.decode_step(model, weights, ids, fast)
+            got = fast_decode.decode_step(model, prepared, ids, fast)
             assert got.shape == expected.shape == (batch, model.config.vocab_size)
             worst_logits = max(worst_logits, (got - expected).abs().max().item())
     assert fast.pos == plain.pos == prompt_len + steps
@@ -76,7 +78,8 @@ def test_decode_step_without_the_transposed_copy_is_equal_too(monkeypatch):
 def test_bf16_weights_stay_close_to_the_fp32_forward():
     model = random_model(n_kv_head=2)
     weights = fast_decode.DecodeWeights(model, weights_dtype=torch.bfloat16)
-    layers, head = weights.get()
+    prepared = weights.get()
+    layers, head = prepared.layers, prepared.head
     assert head.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for layer in layers for w in layer)
     logits_diff, _ = run_both(model, weights, batch=2)
     assert 1e-4 < logits_diff < 0.5  # bf16 has ~3 significant digits: different, but not by much
@@ -97,7 +100,7 @@ def test_a_full_cache_is_refused():
     model = random_model()
     plain, fast = prefilled_caches(model, batch=1, prompt_len=4, max_len=4)
     with pytest.raises(NanochatError, match="KV cache overflow"):
-        fast_decode.decode_step(model, fast_decode.DecodeWeights(model), torch.tensor([3]), fast)
+        fast_decode.decode_step(model, fast_decode.DecodeWeights(model).get(), torch.tensor([3]), fast)
 
 
 def test_a_model_cast_to_bf16_decodes_in_bf16_close_to_its_own_forward():
@@ -109,7 +112,35 @@ def test_a_model_cast_to_bf16_decodes_in_bf16_close_to_its_own_forward():
     with torch.inference_mode():
         ids = torch.tensor([3, 7])
         expected = model(ids.view(-1, 1), kv_cache=plain)[:, -1, :]
-        got = fast_decode.decode_step(model, weights, ids, fast)
+        got = fast_decode.decode_step(model, weights.get(), ids, fast)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected).abs().max().item() < 0.5  # both bf16; the sums round differently
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_decoding_across_rotary_blocks_still_equals_the_plain_forward():
+    model = random_model(n_kv_head=2)
+    block = fast_decode.RotaryMatrices.BLOCK
+    plain, fast = prefilled_caches(model, batch=2, prompt_len=block - 3, max_len=block + 8)
+    prepared = fast_decode.DecodeWeights(model).get()
+    with torch.inference_mode():
+        for t in range(8):  # positions block-3 .. block+4: the step crosses into the next block
+            ids = torch.tensor([t, 2 * t + 1])
+            expected = model(ids.view(-1, 1), kv_cache=plain)[:, -1, :]
+            got = fast_decode.decode_step(model, prepared, ids, fast)
+            assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_rotation_matrices_rotate_as_apply_rotary_does_at_any_position_even_after_eviction():
+    from nanochat.gpt import apply_rotary
+    model = random_model()
+    rotary = fast_decode.RotaryMatrices(model)
+    D = model.config.head_dim
+    x = torch.randn(3, D)
+    span = rotary.BLOCK * (rotary.KEEP_BLOCKS + 2)  # more blocks than are kept: old ones are rebuilt
+    for pos in list(range(0, span, 7)) + [0, 5, rotary.BLOCK - 1, rotary.BLOCK]:
+        cos, sin = model._rotary_slice(pos, 1)
+        expected = apply_rotary(x.view(1, 1, 3, D), cos, sin).view(3, D)
+        assert torch.allclose(x @ rotary.at(pos, torch.float32, 1.0), expected, atol=1e-5)
+        assert torch.allclose(x @ rotary.at(pos, torch.float32, 2.0), 2 * expected, atol=1e-5)
+    assert len(rotary.blocks) <= rotary.KEEP_BLOCKS
