@@ -199,6 +199,11 @@ class RowState:
 # -----------------------------------------------------------------------------
 # The engine
 
+# --weights-dtype of the chat scripts: "model" decodes with the model's own weights
+WEIGHTS_DTYPES = {"model": None, "bfloat16": torch.bfloat16}
+WEIGHTS_DTYPE_HELP = ("weights the Engine decodes with: the model's own, or a bfloat16 copy (half the bytes per "
+                      "token; quality cost in dev/BENCHMARKS.md)")
+
 class Engine:
     def __init__(self, model, tokenizer, tools=True, weights_dtype=None):
         """tools=False: python blocks are plain tokens, never run (raw continuation of a text

@@ -17,7 +17,7 @@ import random
 import sys
 
 from nanochat.common import ArgumentParser, NanochatError, resolve_device_type, run_main
-from nanochat.engine import Engine, StreamDecoder
+from nanochat.engine import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPES, Engine, StreamDecoder
 
 
 def parse_args(argv):
@@ -35,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per answer)")
     parser.add_argument("--device", default="", help="cuda | mps | cpu (default: autodetect)")
+    parser.add_argument("--weights-dtype", default="model", choices=["model", "bfloat16"], help=WEIGHTS_DTYPE_HELP)
     args = parser.parse_args(argv)
     if not 0.0 <= args.temperature <= 2.0:
         raise NanochatError(f"--temperature {args.temperature} is out of range; use 0 to 2")
@@ -94,7 +95,9 @@ def main(argv=None):
     device = resolve_device_type(args.device)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     raw = args.raw or args.source == "base"
-    engine = Engine(model, tokenizer, tools=not raw)
+    engine = Engine(model, tokenizer, tools=not raw, weights_dtype=WEIGHTS_DTYPES[args.weights_dtype])
+    if args.weights_dtype != "model":
+        print(f"(decoding with a {args.weights_dtype} copy of the weights)", file=sys.stderr)
     bos, user_start, user_end, assistant_start = (tokenizer.encode_special(name) for name in
                                                   ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>"))
     window = model.config.sequence_len

@@ -22,6 +22,7 @@ from nanochat.chat_evaluation import (OFFLINE_TASKS, ONLINE_TASKS, build_eval_ta
                                       run_task_eval)
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, print0,
                              run_main)
+from nanochat.engine import WEIGHTS_DTYPE_HELP
 from tasks.common import TaskDataUnavailable
 
 
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("-m", "--max-new-tokens", type=int, default=256)
     parser.add_argument("--offline", action="store_true", help="use the offline task set (no network)")
     parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
+    parser.add_argument("--weights-dtype", default="model", choices=["model", "bfloat16"],
+                        help="generative tasks: " + WEIGHTS_DTYPE_HELP + "; categorical tasks use the model's own")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--unsafe-execution", action="store_true",
                         help="run model-written code (HumanEval) even where the kernel sandbox cannot be set up: "
@@ -62,12 +65,13 @@ def main(argv=None):
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
+    from nanochat.engine import WEIGHTS_DTYPES, Engine
 
     # --- model (load_model checks the tokenizer fingerprint against the checkpoint's)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer)
-    print0(f"evaluating {args.source} checkpoint, step {meta.get('step')} on {device}")
+    engine = Engine(model, tokenizer, weights_dtype=WEIGHTS_DTYPES[args.weights_dtype])
+    print0(f"evaluating {args.source} checkpoint, step {meta.get('step')} on {device}"
+           + (f", decoding with {args.weights_dtype} weights" if args.weights_dtype != "model" else ""))
 
     # --- tasks
     names = args.tasks.split("|") if args.tasks else (OFFLINE_TASKS if args.offline else ONLINE_TASKS)
@@ -110,7 +114,7 @@ def main(argv=None):
                    "base": "Chat evaluation base"}[args.source]
         get_report().log(section=section, data=[
             {"source": args.source, "step": meta.get("step"), "model_tag": args.model_tag,
-             "max_problems": args.max_problems, "num_samples": args.num_samples},
+             "max_problems": args.max_problems, "num_samples": args.num_samples, "weights_dtype": args.weights_dtype},
             {name: acc for name, acc in results.items()},
             {"ChatCORE": chatcore},
         ])

@@ -1,7 +1,8 @@
 """
 scripts.chat_cli: answers from a saved checkpoint (its tokenizer comes along), streams, takes
-`clear`/`quit`, and a missing checkpoint is a one-line error. A base model (or any model with
---raw) continues the text as given, exactly as GPT.generate does greedily.
+`clear`/`quit`, decodes with a bf16 weight copy when asked, and a missing checkpoint is a one-line
+error. A base model (or any model with --raw) continues the text as given, exactly as GPT.generate
+does greedily.
 """
 
 import itertools
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanochat.engine import Engine, StreamDecoder
 
@@ -30,9 +32,9 @@ def run_cli(base, *args, stdin=""):
                           text=True, env=env, cwd=ROOT, timeout=120)
 
 
-def expected_answer(model, tokenizer, history):
+def expected_answer(model, tokenizer, history, **engine_options):
     """What greedy decoding says after `history` (a list of user messages, each answered greedily)."""
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, **engine_options)
     sp = tokenizer.encode_special
     tokens, text = [tokenizer.get_bos_token_id()], None
     for message in history:
@@ -51,6 +53,15 @@ def test_one_prompt_answers_from_the_checkpoint_and_exits(checkpoint):
     assert result.returncode == 0, result.stderr
     expected = expected_answer(model, tokenizer, ["the fox?"])
     assert result.stdout == expected + "\n"
+
+
+def test_bf16_weights_answer_as_an_engine_with_a_bf16_weight_copy_does(checkpoint):
+    base, model, tokenizer = checkpoint
+    result = run_cli(base, "-i", "sft", "-p", "the fox?", "-t", "0", "--max-tokens", "20", "--device", "cpu",
+                     "--weights-dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_answer(model, tokenizer, ["the fox?"], weights_dtype=torch.bfloat16) + "\n"
+    assert "bfloat16 copy of the weights" in result.stderr  # the answer alone may equal fp32's on a tiny model
 
 
 def test_interactive_session_keeps_history_clears_and_quits(checkpoint):

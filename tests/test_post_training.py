@@ -247,6 +247,16 @@ def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
     assert "ChatCORE" in logged
 
 
+def test_chat_eval_with_bf16_weights_says_so_and_records_it_in_the_report(pipeline):
+    base_dir, _ = pipeline
+    text = run_stage(base_dir, "scripts.chat_eval", "-i", "sft", "--offline", "--device", "cpu",
+                     "-a", "Arithmetic", "-x", "2", "-m", "8", "--weights-dtype", "bfloat16")
+    assert "decoding with bfloat16 weights" in text and "Arithmetic accuracy:" in text
+    import json
+    with open(os.path.join(str(base_dir), "report", "chat-evaluation-sft.json")) as f:
+        assert json.load(f)["metrics"]["weights_dtype"] == "bfloat16"
+
+
 def test_sft_with_freeze_keeps_low_embedding_rows_bit_identical_and_rejects_index_above_vocab(pipeline):
     base_dir, _ = pipeline
     from nanochat.checkpoint_manager import load_model
