@@ -117,8 +117,8 @@ def main(argv=None):
     while True:
         last_step = step == num_iterations
         if (args.eval_every > 0 and step % args.eval_every == 0 and step > run.start_step) or last_step:
-            run.validate(step, ConversationBatches(val_ds, tokenizer, args.device_batch_size, max_seq_len, rank,
-                                                   world_size))
+            val_loader = ConversationBatches(val_ds, tokenizer, args.device_batch_size, max_seq_len, rank, world_size)
+            run.validate(step, val_loader)
         if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0 and step > run.start_step) or last_step:
             accuracies = evaluate_generative()
             run.metrics.update({f"{name}_accuracy": acc for name, acc in accuracies.items()})
