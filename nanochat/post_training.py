@@ -2,6 +2,7 @@
 What the post-training stages (mid_train, chat_sft, chat_rl) share: the optimizer and resume flags, the
 optimizers scaled to a fraction of the base learning rates, the learning-rate schedule, the check that task
 data fits the model's vocab, validation loss over ranks, and the stage checkpoint with every rank's loader state.
+A StageRun holds one invocation's start-up, bookkeeping and close around the stage's own data and training step.
 """
 
 import contextlib
@@ -11,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import parse_args_noting_explicit, resumed_run_args
-from nanochat.common import NanochatError, print0
+from nanochat.common import NanochatError, compute_cleanup, compute_init, format_duration, init_wandb, print0
+from nanochat.freeze import FrozenRows, resolve_freeze_index
 
 # --resume continues a run with its own arguments (from its checkpoint meta). These flags are always this
 # invocation's; each stage names the ones that may change on resume; any other flag given with a different
@@ -77,6 +79,13 @@ def parse_stage_args(parser, argv, stage, may_change, positive=()):
     if args.num_iterations == 0 or args.num_epochs <= 0:
         raise NanochatError("--num-iterations must be > 0 (or -1) and --num-epochs > 0")
     return args
+
+
+def num_iterations_for(args, num_examples, examples_per_step):
+    """--num-iterations, or (when -1) the optimizer steps of --num-epochs over `num_examples`, at least one."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    return max(1, int(args.num_epochs * num_examples) // examples_per_step)
 
 
 # -----------------------------------------------------------------------------
@@ -244,3 +253,108 @@ def log_loss_curves(prefix, section, train_curve, val_curve):
     for label, curve in (("train", train_curve), ("val", val_curve)):
         if curve:
             report.log_series(f"{prefix}: {label}", [s for s, _ in curve], [v for _, v in curve], section=section)
+
+
+# -----------------------------------------------------------------------------
+# One invocation of a stage
+
+class StageRun:
+    """What a post-training stage does around its own data and training step, in the order it does it.
+
+    Start-up (the constructor): the compute (ranks, device, seed), autocast, the wandb run (project
+    nanochat-<stage>), and the model to train: the --source checkpoint, or with --resume this stage's own newest
+    one, either way checked against the tokenizer. With `freeze` (mid, SFT), --freeze-until-index is resolved
+    here, so that a bad index stops the run before any work. Then `start_training` (optimizers, frozen rows,
+    the resumed random streams, the clock); per step `validate`, `supervised_step` (mid, SFT) or `step_optimizers`
+    (RL), `log_step` and the periodic `save`; at the end `finish` (the last checkpoint, the report card section,
+    wandb, the process group). `metrics` starts as the resumed run's.
+    """
+
+    def __init__(self, stage, args, label, freeze=False):
+        self.stage, self.args = stage, args
+        _, self.rank, _, self.world_size, self.device = compute_init(args.device, seed=args.seed)
+        self.autocast = autocast_for(self.device)
+        self.wandb_run = init_wandb(args.run, f"nanochat-{stage}", vars(args))
+        (self.model, self.tokenizer, self.resume_state, self.optimizer_states, self.checkpoint_dir,
+         self.start_step) = load_stage_model(stage, args, self.device, self.rank, label)
+        self.freeze_index = resolve_freeze_index(args.freeze_until_index, self.tokenizer) if freeze else None
+        self.metrics = dict(self.resume_state.get("metrics", {})) if self.resume_state else {}
+        self.train_curve, self.val_curve = [], []  # (step, loss) for the report card's plots
+        self.optimizers = self.frozen = self.t_start = None
+
+    def print_model(self):
+        config = self.model.config
+        print0(f"model: {config.n_layer} layers, width {config.n_embd}, vocab {self.tokenizer.get_vocab_size()}, "
+               f"{self.model.num_params():,} params")
+
+    def check_tasks_fit(self, *datasets):
+        for dataset in datasets:
+            check_task_tokens_fit(dataset, self.tokenizer, self.model.config.vocab_size)
+
+    def loader_state(self):
+        """This rank's loader state in the checkpoint being resumed (None when starting fresh)."""
+        return rank_loader_state(self.resume_state, self.rank, self.world_size)
+
+    def start_training(self):
+        """The optimizers (with the resumed run's states), the frozen rows' snapshot, the resumed run's random
+        streams, and the clock of the training time."""
+        self.optimizers = build_optimizers(self.model, self.args, self.optimizer_states)
+        if self.freeze_index is not None:
+            self.frozen = FrozenRows(self.model, self.freeze_index, self.tokenizer.get_vocab_size())
+            print0(f"freeze: {self.frozen.describe()}")
+        restore_rng(self.resume_state)
+        self.t_start = time.time()
+
+    def step_optimizers(self, lrm):
+        """The optimizer step at the base rates x lrm; frozen rows are put back right after it."""
+        step_optimizers(self.model, self.optimizers, lrm)
+        if self.frozen is not None:
+            self.frozen.restore()
+
+    def supervised_step(self, loader, grad_accum_steps, lrm):
+        """One optimizer step on `grad_accum_steps` batches of `loader` (mid, SFT). Returns the last batch's loss
+        and the number of supervised tokens seen."""
+        loss, num_tokens = accumulate_gradients(self.model, loader, grad_accum_steps, self.device, self.autocast)
+        self.step_optimizers(lrm)
+        return loss, num_tokens
+
+    def validate(self, step, loader):
+        """Validation loss on `loader` (--eval-steps batches): into the metrics, the curve, the log and wandb."""
+        loss = validation_loss(self.model, loader, self.args.eval_steps, self.device, self.autocast)
+        self.metrics["val_loss"] = loss
+        print0(f"step {step:05d} | val loss {loss:.4f}")
+        self.val_curve.append((step, loss))
+        self.wandb_run.log({"step": step, "val_loss": loss})
+
+    def log_step(self, step, num_iterations, message, **logged):
+        """The step's line (`message` between the step count and the time left) and its values in wandb; a logged
+        train_loss also goes into the report card's training curve."""
+        if "train_loss" in logged:
+            self.train_curve.append((step, logged["train_loss"]))
+        eta = eta_seconds(self.t_start, self.start_step, step, num_iterations)
+        print0(f"step {step:05d}/{num_iterations} | {message} | eta {format_duration(eta)}")
+        self.wandb_run.log({"step": step, **logged})
+
+    def save(self, step, loader_state, **latest):
+        """This step's checkpoint, its metrics with `latest` (the last training loss or reward) added."""
+        extra = {} if self.freeze_index is None else {"freeze_until_index": self.freeze_index}
+        save_stage_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.tokenizer, self.rank,
+                              self.stage, self.args, dict(self.metrics, **latest), loader_state, **extra)
+
+    def finish(self, step, loader_state, section, summary, last_row=None, **latest):
+        """The end of the run: `latest` into the metrics, the last checkpoint, the frozen rows checked; on rank 0 the
+        report card section (the arguments; `summary` with the frozen rows and the training time; `last_row`, by
+        default the metrics) and the loss curves as plots; then wandb and the process group closed."""
+        self.metrics.update(latest)
+        self.save(step, loader_state)
+        if self.freeze_index:
+            assert self.frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
+        if self.rank == 0:
+            from nanochat.report import get_report
+            log_loss_curves(self.stage, section, self.train_curve, self.val_curve)
+            summary = dict(summary, **({} if self.freeze_index is None else {"Frozen rows": self.freeze_index}))
+            summary["Training time"] = format_duration(time.time() - self.t_start)
+            get_report().log(section=section, data=[dict(vars(self.args)), summary,
+                                                    dict(self.metrics) if last_row is None else last_row])
+        self.wandb_run.finish()
+        compute_cleanup()

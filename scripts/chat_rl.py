@@ -21,14 +21,11 @@ import time
 import torch
 
 from nanochat.chat_evaluation import build_eval_task, run_generative_eval
-from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
-                             init_wandb, print0, run_main)
+from nanochat.common import ArgumentParser, NanochatError, print0, run_main
 from nanochat.conversation_loader import collate_supervised
 from nanochat.policy_gradient import group_advantages, policy_gradient_loss, reward_of
-from nanochat.post_training import (add_optimizer_flags, add_run_flags, add_source_flags, all_reduce_mean,
-                                    autocast_for, build_optimizers, eta_seconds, load_stage_model, lr_multiplier,
-                                    parse_stage_args, periodic_save_due, rank_loader_state, restore_rng,
-                                    save_stage_checkpoint, step_optimizers)
+from nanochat.post_training import (StageRun, add_optimizer_flags, add_run_flags, add_source_flags, all_reduce_mean,
+                                    lr_multiplier, num_iterations_for, parse_stage_args, periodic_save_due)
 
 
 # -----------------------------------------------------------------------------
@@ -74,15 +71,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    # --- init
-    ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
+    # --- init and model: the SFT checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
+    run = StageRun("rl", args, "RL")
     from nanochat.engine import Engine
-    autocast = autocast_for(device)
-    wandb_run = init_wandb(args.run, "nanochat-rl", vars(args))
-
-    # --- model (checks tokenizer/model agreement)
-    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = load_stage_model(
-        "rl", args, device, rank, "RL")
+    model, tokenizer, rank, world_size, device = run.model, run.tokenizer, run.rank, run.world_size, run.device
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
@@ -92,9 +84,8 @@ def main(argv=None):
         raise NanochatError(f"--examples-per-step {args.examples_per_step} is not a multiple of the "
                             f"{world_size} ranks")
     examples_per_rank = args.examples_per_step // world_size
-    num_iterations = (args.num_iterations if args.num_iterations > 0
-                      else max(1, int(args.num_epochs * len(train_task)) // args.examples_per_step))
-    loader_state = rank_loader_state(resume_state, rank, world_size)
+    num_iterations = num_iterations_for(args, len(train_task), args.examples_per_step)
+    loader_state = run.loader_state()
     cursor = loader_state["cursor"] if loader_state else rank
     prompt_ids = tokenizer.render_for_completion(train_task[0])
     if max(prompt_ids) >= model.config.vocab_size:
@@ -103,8 +94,7 @@ def main(argv=None):
            f"{args.num_samples} samples")
 
     # --- optimizers
-    optimizers = build_optimizers(model, args, optimizer_states)
-    restore_rng(resume_state)
+    run.start_training()
 
     def evaluate_pass_at_k():
         model.eval()
@@ -119,14 +109,9 @@ def main(argv=None):
         model.train()
         return results
 
-    def save(step, metrics):
-        save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, rank, "rl", args, metrics,
-                              {"cursor": cursor})
-
     # --- training loop
-    metrics = dict(resume_state.get("metrics", {})) if resume_state else {}
-    t_start = time.time()
-    step = start_step
+    metrics = run.metrics
+    step = run.start_step
     mean_reward = float("nan")
     while True:
         last_step = step == num_iterations
@@ -134,7 +119,7 @@ def main(argv=None):
             metrics.update(evaluate_pass_at_k())
             pass_at = {k: v for k, v in metrics.items() if k.startswith("pass@")}
             print0(f"step {step:05d} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in pass_at.items()))
-            wandb_run.log({"step": step, **pass_at})
+            run.wandb_run.log({"step": step, **pass_at})
         if last_step:
             break
 
@@ -168,35 +153,24 @@ def main(argv=None):
             for b in range(0, len(sequences), args.device_batch_size):
                 inputs = inputs_all[b:b + args.device_batch_size].to(device)
                 targets = targets_all[b:b + args.device_batch_size].to(device)
-                with autocast:
+                with run.autocast:
                     logprobs = -model(inputs, targets, loss_reduction="none")  # (n, T)
                 loss = policy_gradient_loss(logprobs, targets, advantages[b:b + args.device_batch_size], num_valid)
                 (loss / examples_per_rank).backward()
         lrm = lr_multiplier(step / num_iterations, warmdown_ratio=1.0)  # linear decay to zero
-        step_optimizers(model, optimizers, lrm)
+        run.step_optimizers(lrm)
         step += 1
         mean_reward = all_reduce_mean(sum(rewards_seen) / max(len(rewards_seen), 1), device)
         dt = time.time() - t0
-        eta = eta_seconds(t_start, start_step, step, num_iterations)
-        print0(f"step {step:05d}/{num_iterations} | mean reward {mean_reward:.3f} | lrm {lrm:.3f} | "
-               f"{num_sampled * world_size / dt:,.0f} sampled tok/s | eta {format_duration(eta)}")
-        wandb_run.log({"step": step, "reward": mean_reward, "lrm": lrm})
+        run.log_step(step, num_iterations, f"mean reward {mean_reward:.3f} | lrm {lrm:.3f} | "
+                     f"{num_sampled * world_size / dt:,.0f} sampled tok/s", reward=mean_reward, lrm=lrm)
         if periodic_save_due(step, args.save_every, num_iterations):
-            save(step, dict(metrics, mean_reward=mean_reward))
+            run.save(step, {"cursor": cursor}, mean_reward=mean_reward)
 
-    # --- save and report
-    metrics["mean_reward"] = mean_reward
-    save(step, metrics)
-    if rank == 0:
-        from nanochat.report import get_report
-        get_report().log(section="Chat RL", data=[
-            {k: v for k, v in vars(args).items()},
-            {"Training prompts": len(train_task), "Number of iterations": num_iterations,
-             "Training time": format_duration(time.time() - t_start)},
-            {k: v for k, v in metrics.items()},
-        ])
-    wandb_run.finish()
-    compute_cleanup()
+    # --- save and report (the last row: the final metrics)
+    run.finish(step, {"cursor": cursor}, "Chat RL",
+               {"Training prompts": len(train_task), "Number of iterations": num_iterations},
+               mean_reward=mean_reward)
     return 0
 
 

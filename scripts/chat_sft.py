@@ -20,49 +20,16 @@ midtraining (`--freeze-until-index N` sets the boundary, 0 turns it off).
 import time
 
 from nanochat.chat_evaluation import build_eval_task, run_generative_eval
-from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration,
-                             init_wandb, print0, run_main)
+from nanochat.common import ArgumentParser, NanochatError, print0, run_main
 from nanochat.conversation_loader import ConversationBatches
-from nanochat.post_training import (accumulate_gradients, add_freeze_flag, add_optimizer_flags, add_run_flags,
-                                    add_source_flags, autocast_for, build_optimizers, check_task_tokens_fit,
-                                    eta_seconds, load_stage_model, log_loss_curves, lr_multiplier,
-                                    parse_stage_args, periodic_save_due, rank_loader_state, restore_rng,
-                                    save_stage_checkpoint, step_optimizers, validation_loss)
-
+from nanochat.post_training import (StageRun, add_freeze_flag, add_optimizer_flags, add_run_flags, add_source_flags,
+                                    lr_multiplier, num_iterations_for, parse_stage_args, periodic_save_due)
+from tasks.mixtures import sft_mixture
 
 SECTION = "Chat SFT"  # the report card section
 
 # -----------------------------------------------------------------------------
-# Data: the training mixture and the held-out sets
-
-def build_train_tasks(offline):
-    """The SFT training mixture (train splits only)."""
-    from tasks.common import TaskMixture
-    if offline:
-        from tasks.offline import offline_sft_tasks
-        return TaskMixture(offline_sft_tasks("train"))
-    from tasks.arc import ARC
-    from tasks.customjson import CustomJSON, identity_conversations_path
-    from tasks.gsm8k import GSM8K
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
-    return TaskMixture([
-        ARC(subset="ARC-Easy", split="train"), ARC(subset="ARC-Challenge", split="train"),
-        GSM8K(subset="main", split="train"), SmolTalk(split="train", stop=10_000),
-        CustomJSON(filepath=identity_conversations_path()),
-        SimpleSpelling(size=300, split="train"), SpellingBee(size=300, split="train"),
-    ])
-
-
-def build_val_tasks(offline):
-    """Held-out conversations for the validation loss."""
-    from tasks.common import TaskMixture
-    if offline:
-        from tasks.offline import offline_sft_tasks
-        return TaskMixture(offline_sft_tasks("val"))
-    from tasks.smoltalk import SmolTalk
-    return SmolTalk(split="test")
-
+# Data: the held-out generative tasks (the training and validation mixtures are tasks.mixtures.sft_mixture)
 
 def build_generative_eval_tasks(offline):
     """Held-out generative tasks for the periodic eval: name -> task."""
@@ -107,44 +74,29 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    # --- init
-    ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
+    # --- init and model: the source checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
+    run = StageRun("sft", args, "SFT", freeze=True)
     from nanochat.engine import Engine
-    from nanochat.freeze import FrozenRows, resolve_freeze_index
-    autocast = autocast_for(device)
-    wandb_run = init_wandb(args.run, "nanochat-sft", vars(args))
+    model, tokenizer, rank, world_size, device = run.model, run.tokenizer, run.rank, run.world_size, run.device
+    max_seq_len = args.max_seq_len or model.config.sequence_len
+    run.print_model()
 
-    # --- model: the source checkpoint, or our own newest one when resuming (checks tokenizer/model agreement)
-    model, tokenizer, resume_state, optimizer_states, checkpoint_dir, start_step = load_stage_model(
-        "sft", args, device, rank, "SFT")
-    config = model.config
-    vocab_size = tokenizer.get_vocab_size()
-    freeze_index = resolve_freeze_index(args.freeze_until_index, tokenizer)  # bad index: error before any work
-    max_seq_len = args.max_seq_len or config.sequence_len
-    print0(f"model: {config.n_layer} layers, width {config.n_embd}, vocab {vocab_size}, {model.num_params():,} params")
-
-    # --- data
-    train_ds = build_train_tasks(args.offline)
-    val_ds = build_val_tasks(args.offline)
-    check_task_tokens_fit(train_ds, tokenizer, config.vocab_size)
-    check_task_tokens_fit(val_ds, tokenizer, config.vocab_size)
+    # --- data: one conversation per row, padded
+    train_ds, val_ds = sft_mixture("train", args.offline), sft_mixture("val", args.offline)
+    run.check_tasks_fit(train_ds, val_ds)
     examples_per_micro = args.device_batch_size * world_size
     if args.target_examples_per_step % examples_per_micro != 0:
         raise NanochatError(f"--target-examples-per-step {args.target_examples_per_step} is not a multiple of "
                             f"--device-batch-size x ranks = {examples_per_micro}")
     grad_accum_steps = args.target_examples_per_step // examples_per_micro
-    num_iterations = (args.num_iterations if args.num_iterations > 0
-                      else max(1, int(args.num_epochs * len(train_ds)) // args.target_examples_per_step))
+    num_iterations = num_iterations_for(args, len(train_ds), args.target_examples_per_step)
     train_loader = ConversationBatches(train_ds, tokenizer, args.device_batch_size, max_seq_len, rank, world_size,
-                                       rank_loader_state(resume_state, rank, world_size))
+                                       run.loader_state())
     print0(f"{len(train_ds):,} training conversations, {num_iterations} steps of {args.target_examples_per_step} "
            f"({grad_accum_steps} accumulation steps), validation on {len(val_ds):,}")
 
     # --- optimizers (same split as base training: AdamW for embeddings/head, Muon for matrices)
-    optimizers = build_optimizers(model, args, optimizer_states)
-    frozen = FrozenRows(model, freeze_index, vocab_size)
-    print0(f"freeze: {frozen.describe()}")
-    restore_rng(resume_state)
+    run.start_training()
 
     def evaluate_generative():
         model.eval()
@@ -159,64 +111,37 @@ def main(argv=None):
         model.train()
         return accuracies
 
-    def save(step, metrics):
-        save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, rank, "sft", args, metrics,
-                              train_loader.state(), freeze_until_index=freeze_index)
-
     # --- training loop
-    metrics = dict(resume_state.get("metrics", {})) if resume_state else {}
-    t_start = time.time()
-    step = start_step
+    step = run.start_step
     train_loss = float("nan")
-    train_curve, val_curve = [], []  # (step, loss) for the report card's plots
     while True:
         last_step = step == num_iterations
-        if (args.eval_every > 0 and step % args.eval_every == 0 and step > start_step) or last_step:
+        if (args.eval_every > 0 and step % args.eval_every == 0 and step > run.start_step) or last_step:
             val_loader = ConversationBatches(val_ds, tokenizer, args.device_batch_size, max_seq_len, rank, world_size)
-            metrics["val_loss"] = validation_loss(model, val_loader, args.eval_steps, device, autocast)
-            print0(f"step {step:05d} | val loss {metrics['val_loss']:.4f}")
-            val_curve.append((step, metrics["val_loss"]))
-            wandb_run.log({"step": step, "val_loss": metrics["val_loss"]})
-        if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0 and step > start_step) or last_step:
+            run.validate(step, val_loader)
+        if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0 and step > run.start_step) or last_step:
             accuracies = evaluate_generative()
-            metrics.update({f"{name}_accuracy": acc for name, acc in accuracies.items()})
+            run.metrics.update({f"{name}_accuracy": acc for name, acc in accuracies.items()})
             print0(f"step {step:05d} | " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in accuracies.items()))
-            wandb_run.log({"step": step, **accuracies})
+            run.wandb_run.log({"step": step, **accuracies})
         if last_step:
             break
 
         t0 = time.time()
-        train_loss, num_tokens = accumulate_gradients(model, train_loader, grad_accum_steps, device, autocast)
         lrm = lr_multiplier(step / num_iterations, warmdown_ratio=1.0)  # linear decay to zero
-        step_optimizers(model, optimizers, lrm)
-        frozen.restore()
+        train_loss, num_tokens = run.supervised_step(train_loader, grad_accum_steps, lrm)
         step += 1
-        train_curve.append((step, train_loss))
         dt = time.time() - t0
-        eta = eta_seconds(t_start, start_step, step, num_iterations)
-        print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
-               f"{num_tokens * world_size / dt:,.0f} supervised tok/s | epoch {train_loader.progress():.2f} | "
-               f"eta {format_duration(eta)}")
-        wandb_run.log({"step": step, "train_loss": train_loss, "lrm": lrm})
+        run.log_step(step, num_iterations, f"loss {train_loss:.4f} | lrm {lrm:.3f} | "
+                     f"{num_tokens * world_size / dt:,.0f} supervised tok/s | epoch {train_loader.progress():.2f}",
+                     train_loss=train_loss, lrm=lrm)
         if periodic_save_due(step, args.save_every, num_iterations):
-            save(step, dict(metrics, train_loss=train_loss))
+            run.save(step, train_loader.state(), train_loss=train_loss)
 
-    # --- save and report
-    metrics["train_loss"] = train_loss
-    save(step, metrics)
-    if freeze_index:
-        assert frozen.unchanged(), "frozen embedding rows changed; this is a bug in nanochat.freeze"
-    if rank == 0:
-        from nanochat.report import get_report
-        log_loss_curves("sft", SECTION, train_curve, val_curve)
-        get_report().log(section=SECTION, data=[
-            {k: v for k, v in vars(args).items()},
-            {"Training conversations": len(train_ds), "Number of iterations": num_iterations,
-             "Frozen rows": freeze_index, "Training time": format_duration(time.time() - t_start)},
-            {k: v for k, v in metrics.items()},
-        ])
-    wandb_run.finish()
-    compute_cleanup()
+    # --- save and report (the last row: the final metrics)
+    run.finish(step, train_loader.state(), SECTION,
+               {"Training conversations": len(train_ds), "Number of iterations": num_iterations},
+               train_loss=train_loss)
     return 0
 
 

@@ -170,9 +170,11 @@ class WorkerPool:
 # Request validation
 
 class BadRequest(Exception):
-    def __init__(self, message, status=400, param=None):
+    """A request refused with `status` (4xx, or 503 when busy): create_app answers it with an OpenAI-style error."""
+
+    def __init__(self, message, status=400, param=None, code=None, headers=None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code, self.headers = status, param, code, headers
 
 
 def _number(body, name, default, lo, hi, integer=False, lo_open=False):
@@ -358,21 +360,24 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                             status_code=status, headers=headers)
 
+    @app.exception_handler(BadRequest)
+    async def refused(request, e):  # every route: a refused request gets its error response
+        return error(e.status, str(e), e.param, e.code, e.headers)
+
     # --- access control: compare digests, so the time taken says nothing about the key
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
-    def denied(request):
-        """None when the request may proceed, else the 401 response (the key is never echoed)."""
+    def check_key(request):
+        """Raises BadRequest (401) unless the request carries the API key, if there is one (never echoed)."""
         if key_digest is None:
-            return None
+            return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not token.strip():
-            return error(401, "this server needs an API key: send the header 'Authorization: Bearer <key>'",
-                         code="missing_api_key", headers=challenge)
+            raise BadRequest("this server needs an API key: send the header 'Authorization: Bearer <key>'",
+                             status=401, code="missing_api_key", headers=challenge)
         if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), key_digest):
-            return error(401, "incorrect API key", code="invalid_api_key", headers=challenge)
-        return None
+            raise BadRequest("incorrect API key", status=401, code="invalid_api_key", headers=challenge)
 
     async def read_body(request):
         """The request's JSON body, or raises BadRequest."""
@@ -471,6 +476,26 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def openai_stream(request, prompt, params, piece_event, finish_event, first=()):
+        """The OpenAI streaming answer: the `first` events, an event per text piece, the one with the finish reason
+        and `[DONE]`; a generation error ends it with an error event instead."""
+        async def events():
+            info, stop_event = {}, threading.Event()
+            try:
+                for event in first:
+                    yield event
+                async for piece in generate(request, prompt, params, info, stop_event):
+                    yield piece_event(piece)
+                if "error" in info:
+                    yield sse({"error": {"message": info["error"], "type": "server_error"}})
+                    return
+                yield finish_event(info.get("finish", "stop"))
+                yield "data: [DONE]\n\n"
+            finally:
+                stop_event.set()
+
+        return sse_response(events())
+
     # --- routes
 
     with open(UI_PATH, "r", encoding="utf-8") as f:  # the page's settings start at the server's defaults
@@ -487,8 +512,7 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 
     @app.get("/stats")
     async def stats(request: Request):
-        if (refused := denied(request)) is not None:
-            return refused
+        check_key(request)
         return {"uptime_s": round(time.time() - pool.started, 1), "requests_served": pool.served,
                 "queued": pool.waiting,
                 "workers": [{"index": w.index, "device": w.device, "busy": w.busy, "requests": w.requests,
@@ -496,19 +520,14 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if (refused := denied(request)) is not None:
-            return refused
+        check_key(request)
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}]}
 
     @app.post("/chat/completions")
     async def chat(request: Request):
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            params, prompt = await read_chat_request(request)
-        except BadRequest as e:
-            return error(e.status, str(e), e.param)
+        check_key(request)
+        params, prompt = await read_chat_request(request)
 
         async def events():
             info, stop_event = {}, threading.Event()
@@ -523,12 +542,8 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 
     @app.post("/v1/chat/completions")
     async def openai_chat(request: Request):
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            params, prompt = await read_chat_request(request)
-        except BadRequest as e:
-            return error(e.status, str(e), e.param)
+        check_key(request)
+        params, prompt = await read_chat_request(request)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
 
@@ -545,31 +560,14 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
             return sse({"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
-        async def events():
-            info, stop_event = {}, threading.Event()
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for piece in generate(request, prompt, params, info, stop_event):
-                    yield chunk({"content": piece})
-                if "error" in info:
-                    yield sse({"error": {"message": info["error"], "type": "server_error"}})
-                    return
-                yield chunk({}, info.get("finish", "stop"))
-                yield "data: [DONE]\n\n"
-            finally:
-                stop_event.set()
-
-        return sse_response(events())
+        return openai_stream(request, prompt, params, lambda piece: chunk({"content": piece}),
+                             lambda finish: chunk({}, finish), first=[chunk({"role": "assistant", "content": ""})])
 
     @app.post("/v1/completions")
     async def openai_completions(request: Request):
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            prompt, params = parse_completion_request(await read_body(request), defaults, tokenizer, window)
-            check_queue()
-        except BadRequest as e:
-            return error(e.status, str(e), e.param)
+        check_key(request)
+        prompt, params = parse_completion_request(await read_body(request), defaults, tokenizer, window)
+        check_queue()
         completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
 
@@ -583,20 +581,8 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
                 return error(500, info["error"])
             return completion(text, info.get("finish", "stop"), usage=usage(prompt, info))
 
-        async def events():
-            info, stop_event = {}, threading.Event()
-            try:
-                async for piece in generate(request, prompt, params, info, stop_event):
-                    yield sse(completion(piece, None))
-                if "error" in info:
-                    yield sse({"error": {"message": info["error"], "type": "server_error"}})
-                    return
-                yield sse(completion("", info.get("finish", "stop")))
-                yield "data: [DONE]\n\n"
-            finally:
-                stop_event.set()
-
-        return sse_response(events())
+        return openai_stream(request, prompt, params, lambda piece: sse(completion(piece, None)),
+                             lambda finish: sse(completion("", finish)))
 
     return app
 

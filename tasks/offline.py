@@ -10,18 +10,19 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 
 def offline_mid_tasks(split="train"):
-    if split == "train":
-        identity = CustomJSON(filepath=identity_conversations_path())
-        return [Arithmetic(split="train", size=4000), SpellingBee(size=2000, split="train"),
-                SimpleSpelling(size=2000, split="train")] + [identity] * 8
-    return [Arithmetic(split="val", size=100), SpellingBee(size=100, split="val"),
-            SimpleSpelling(size=100, split="val")]
+    return offline_tasks(split, arithmetic=4000, spelling_bee=2000, simple_spelling=2000, identity_copies=8)
 
 
 def offline_sft_tasks(split="train"):
+    return offline_tasks(split, arithmetic=3000, spelling_bee=1500, simple_spelling=1000, identity_copies=4)
+
+
+def offline_tasks(split, arithmetic, spelling_bee, simple_spelling, identity_copies):
+    """The train split: that many examples of each generated task and `identity_copies` passes over the
+    identity conversations; any other split: the same 100 validation examples of each generated task."""
     if split == "train":
         identity = CustomJSON(filepath=identity_conversations_path())
-        return [Arithmetic(split="train", size=3000), SpellingBee(size=1500, split="train"),
-                SimpleSpelling(size=1000, split="train")] + [identity] * 4
+        return [Arithmetic(split="train", size=arithmetic), SpellingBee(size=spelling_bee, split="train"),
+                SimpleSpelling(size=simple_spelling, split="train")] + [identity] * identity_copies
     return [Arithmetic(split="val", size=100), SpellingBee(size=100, split="val"),
             SimpleSpelling(size=100, split="val")]

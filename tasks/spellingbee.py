@@ -54,8 +54,10 @@ SPELL_QUESTIONS = [
 ]
 
 
-class SpellingBee(Task):
-    """Count a letter in a word, with the calculator as the counting tool."""
+class WordTask(Task):
+    """`size` examples over the words of one split; example i is a pure function of (split, seed, i), drawn
+    from a random stream named after the task (`rng_name`), so that each task asks about its own words."""
+    rng_name = None
 
     def __init__(self, size=1000, split="train", seed=0, **kwargs):
         super().__init__(**kwargs)
@@ -65,9 +67,18 @@ class SpellingBee(Task):
     def num_examples(self):
         return self.size
 
+    def rng_and_word(self, index):
+        """Example `index`'s random stream and the word it asks about (the stream's first draw)."""
+        rng = random.Random(f"{self.rng_name}-{self.split}-{self.seed}-{index}")
+        return rng, rng.choice(self.words)
+
+
+class SpellingBee(WordTask):
+    """Count a letter in a word, with the calculator as the counting tool."""
+    rng_name = "spellingbee"
+
     def get_example(self, index):
-        rng = random.Random(f"spellingbee-{self.split}-{self.seed}-{index}")
-        word = rng.choice(self.words)
+        rng, word = self.rng_and_word(index)
         # mostly a letter of the word, sometimes one that is not in it (answer 0)
         letter = rng.choice(word) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         count = word.count(letter)
@@ -88,20 +99,12 @@ class SpellingBee(Task):
         return float(self.evaluate(conversation, completion))
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
     """Spell a word letter by letter."""
-
-    def __init__(self, size=1000, split="train", seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.size, self.split, self.seed = size, check_split(split), seed
-        self.words = words_of_split(self.split)
-
-    def num_examples(self):
-        return self.size
+    rng_name = "simplespelling"
 
     def get_example(self, index):
-        rng = random.Random(f"simplespelling-{self.split}-{self.seed}-{index}")
-        word = rng.choice(self.words)
+        rng, word = self.rng_and_word(index)
         question = rng.choice(SPELL_QUESTIONS).format(word=word)
         return {"messages": [{"role": "user", "content": question},
                              {"role": "assistant", "content": "-".join(word)}],
