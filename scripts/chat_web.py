@@ -38,7 +38,7 @@ import time
 import uuid
 
 from nanochat.common import ArgumentParser, NanochatError, resolve_device_type, run_main
-from nanochat.engine import Engine, StreamDecoder
+from nanochat.engine import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPES, Engine, StreamDecoder
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
@@ -57,9 +57,10 @@ MAX_STOP_CHARS = 256
 # Workers: one model replica each, handed out through a FIFO queue
 
 class Worker:
-    def __init__(self, model, tokenizer, index=0, device="cpu"):
-        self.engine = Engine(model, tokenizer)
-        self.raw_engine = Engine(model, tokenizer, tools=False)  # plain continuation: nothing forced into it
+    def __init__(self, model, tokenizer, index=0, device="cpu", weights_dtype=None):
+        self.engine = Engine(model, tokenizer, weights_dtype=weights_dtype)
+        # plain continuation: nothing forced into it
+        self.raw_engine = Engine(model, tokenizer, tools=False, weights_dtype=weights_dtype)
         self.tokenizer = tokenizer
         self.index = index
         self.device = str(device)
@@ -627,6 +628,7 @@ def main(argv=None):
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
     parser.add_argument("--max-tokens", type=int, default=512, help="default longest answer, in tokens")
     parser.add_argument("--device", default="", help="cuda | mps | cpu (default: autodetect)")
+    parser.add_argument("--weights-dtype", default="model", choices=["model", "bfloat16"], help=WEIGHTS_DTYPE_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
@@ -650,10 +652,10 @@ def main(argv=None):
         if args.num_gpus > 1:
             print(f"-n {args.num_gpus} ignored on {device_type}: serving one replica", flush=True)
         devices = [device_type]
-    workers, meta = [], None
+    workers, meta, weights_dtype = [], None, WEIGHTS_DTYPES[args.weights_dtype]
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        workers.append(Worker(model, tokenizer, index=i, device=device))
+        workers.append(Worker(model, tokenizer, index=i, device=device, weights_dtype=weights_dtype))
     tag = args.model_tag or find_latest_tag(checkpoints_root(args.source))
     model_name = f"nanochat-{args.source}-{tag}-step{meta.get('step')}"
 
@@ -664,7 +666,8 @@ def main(argv=None):
     if warning:
         print(warning, file=sys.stderr, flush=True)
     print(f"serving {model_name} on {len(workers)} worker(s) at http://{args.host}:{args.port}"
-          f"{' (API key required)' if api_key else ''}", flush=True)
+          f"{' (API key required)' if api_key else ''}"
+          f"{f', decoding with {args.weights_dtype} weights' if args.weights_dtype != 'model' else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -16,6 +16,7 @@ import urllib.parse
 
 import openai
 import pytest
+import torch
 
 import scripts.chat_web as chat_web
 from nanochat.common import NanochatError
@@ -42,11 +43,12 @@ def server(tokenizer):
         yield s
 
 
-def expected_text(model, tokenizer, user_text, max_tokens):
+def expected_text(model, tokenizer, user_text, max_tokens, **engine_options):
     """The greedy answer, decoded the way the server streams it."""
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": user_text},
                                                            {"role": "assistant", "content": ""}]})
-    results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    results, _ = Engine(model, tokenizer, **engine_options).generate_batch(prompt, max_tokens=max_tokens,
+                                                                            temperature=0.0)
     decoder = StreamDecoder(tokenizer)
     return "".join(decoder.push(t) for t in results[0][len(prompt):]) + decoder.flush(), len(prompt)
 
@@ -312,6 +314,17 @@ def test_completions_continue_a_prompt_exactly_as_gpt_generate_does_greedily(ser
 
     chat = client.chat.completions.create(model=MODEL_NAME, messages=user("the cat"), temperature=0, max_tokens=24)
     assert chat.choices[0].message.content != want  # the chat endpoint does wrap the text in chat tokens
+
+
+def test_a_worker_with_bf16_weights_answers_as_a_bf16_engine_does(tokenizer):
+    model = tiny_model(tokenizer)
+    worker = Worker(model, tokenizer, weights_dtype=torch.bfloat16)
+    assert worker.engine.fast.dtype == worker.raw_engine.fast.dtype == torch.bfloat16
+    with ChatServer(create_app([worker], model_name=MODEL_NAME)) as server:
+        chat = openai_client(server).chat.completions.create(model=MODEL_NAME, messages=user("the cat"),
+                                                             temperature=0, max_tokens=16)
+    want, _ = expected_text(model, tokenizer, "the cat", 16, weights_dtype=torch.bfloat16)
+    assert chat.choices[0].message.content == want
 
 
 def test_completions_never_run_the_calculator(tokenizer):
