@@ -257,11 +257,13 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         weight, bias = self.qkv_weight()
-        qkv = F.linear(x, weight, bias).view(B, T, H + 2 * Hkv, D)
-        qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # rotary (and QK-norm) on q and k together
+        # split, not slicing: the backward of a split is one concatenation of the parts' gradients,
+        # that of each slice a zero-filled full-size gradient plus an add
+        qk, v = F.linear(x, weight, bias).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
+        qk = apply_rotary(qk, cos, sin)  # rotary (and QK-norm) on q and k together
         if self.qk_norm:
             qk = rms_norm(qk, eps=self.rms_eps)
-        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        q, k = qk.split([H, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_total, D)
