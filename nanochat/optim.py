@@ -32,19 +32,40 @@ def zeropower_via_newtonschulz5(G, steps=5):
     The coefficients maximise the slope at zero, so the singular values end up in roughly
     [0.7, 1.2] rather than exactly 1, which works as well in practice. bf16 on CUDA, fp32 elsewhere.
     A batch of same-shaped matrices is handled in one go (bmm)."""
-    a, b, c = NS_COEFFS
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # work with the smaller Gram matrix X X^T
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else b * A + c * (A @ A)
-        X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else a * X + B @ X
+    m, k = X.shape[-2:]
+    if X.ndim == 3 and X.dtype == torch.float32 and k >= 2 * m and steps > 0:
+        X = _newtonschulz5_on_gram(X, steps)
+    else:
+        a, b, c = NS_COEFFS
+        for _ in range(steps):
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else b * A + c * (A @ A)
+            X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else a * X + B @ X
     if transposed:
         X = X.mT
     return X
+
+
+def _newtonschulz5_on_gram(X, steps):
+    """The same iteration for wide matrices (batch, m, k >= 2m), run on m x m matrices only.
+    Every iterate is X_t = Q_t X_0 with Q_t a polynomial in S = X_0 X_0^T, so Q_t and S commute and
+    X_t X_t^T = Q_t S Q_t: Q_{t+1} = (a + b A_t + c A_t^2) Q_t with A_t = Q_t S Q_t, starting from
+    Q_0 = I (so Q_1 = a + b S + c S^2). That is 4mmk + 34m^3 flops against 20mmk + 10m^3 for the
+    plain iteration: 2x faster for the 4:1 MLP matrices. fp32 only: Q_t grows up to a^steps (~485)
+    along the smallest singular directions, which fp32 carries but bf16 does not."""
+    a, b, c = NS_COEFFS
+    S = X @ X.mT
+    Q = torch.baddbmm(S, S, S, beta=b, alpha=c)
+    Q.diagonal(dim1=-2, dim2=-1).add_(a)
+    for _ in range(steps - 1):
+        A = Q @ S @ Q
+        Q = torch.baddbmm(Q, torch.baddbmm(A, A, A, beta=b, alpha=c), Q, beta=a)
+    return Q @ X
 
 
 def _shape_groups(params):

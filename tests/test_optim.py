@@ -1,6 +1,7 @@
-"""Muon / AdamW, single-process and sharded: Newton-Schulz orthogonalises, Muon's update has the
-documented scale, and 2 ranks under real torchrun (gloo, CPU) reach the same weights as one
-process accumulating gradients over the same global batch."""
+"""Muon / AdamW, single-process and sharded: Newton-Schulz orthogonalises (its Gram-matrix form for
+wide batches computes the same), Muon's update has the documented scale, and 2 ranks under real
+torchrun (gloo, CPU) reach the same weights as one process accumulating gradients over the same
+global batch."""
 
 import os
 import subprocess
@@ -18,7 +19,7 @@ import dist_optim_worker as worker  # noqa: E402
 
 def test_newton_schulz_maps_singular_values_near_one_for_tall_wide_and_batched():
     g = torch.Generator().manual_seed(0)
-    for shape in [(32, 32), (64, 16), (16, 64), (3, 24, 40)]:
+    for shape in [(32, 32), (64, 16), (16, 64), (3, 24, 40), (3, 16, 64), (2, 96, 24)]:
         G = torch.randn(shape, generator=g)
         X = zeropower_via_newtonschulz5(G)
         assert X.shape == G.shape
@@ -29,6 +30,17 @@ def test_newton_schulz_maps_singular_values_near_one_for_tall_wide_and_batched()
         polar = u @ vh
         cos = (X * polar).sum(dim=(-2, -1)) / (X.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
         assert (cos > 0.98).all()
+
+
+def test_wide_batches_iterated_on_the_gram_matrix_equal_the_plain_iteration_matrix_by_matrix():
+    g = torch.Generator().manual_seed(1)
+    low_rank = torch.randn(3, 32, 4, generator=g) @ torch.randn(3, 4, 128, generator=g)
+    for G in [torch.randn(3, 32, 128, generator=g), low_rank + 1e-4 * torch.randn(3, 32, 128, generator=g),
+              torch.randn(2, 160, 40, generator=g)]:  # 4:1 wide, nearly rank 4, 4:1 tall
+        batched = zeropower_via_newtonschulz5(G)  # 3-D, k >= 2m: the iteration on the m x m Gram matrix
+        for i in range(G.size(0)):
+            plain = zeropower_via_newtonschulz5(G[i])  # 2-D: the plain iteration
+            assert (batched[i] - plain).abs().max() < 1e-4 * plain.abs().max()
 
 
 def test_muon_first_step_moves_each_matrix_along_its_gradients_polar_factor_scaled_by_its_aspect():
