@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from nanochat import fast_decode
 from nanochat.common import NanochatError
 from nanochat.calculator import eval_calculator
+from nanochat.gpt import GPT
 
 
 # -----------------------------------------------------------------------------
@@ -97,9 +98,11 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # Sampling
 
-def sample_next(logits, generator, temperature=1.0, top_k=None, top_p=None):
+def sample_next(logits, generator, temperature=1.0, top_k=None, top_p=None, bound=None):
     """logits (B, V) float -> (B,) ids. temperature 0 = greedy; top_k keeps the k most likely;
-    top_p keeps the smallest set of most likely ids whose probability reaches p (nucleus)."""
+    top_p keeps the smallest set of most likely ids whose probability reaches p (nucleus).
+    bound: a known bound on |logits| (a soft-capped model's softcap), which lets sampling skip
+    subtracting the row maximum."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     use_top_p = top_p is not None and top_p < 1.0
@@ -113,16 +116,25 @@ def sample_next(logits, generator, temperature=1.0, top_k=None, top_p=None):
         # drop an id when the ids strictly before it already reach top_p (the first id always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         logits = logits.masked_fill(drop, float("-inf"))
-    choice = sample_from_logits(logits, generator, temperature)
+    choice = sample_from_logits(logits, generator, temperature, bound)
     return choice if idx is None else idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
-def sample_from_logits(logits, generator, temperature=1.0):
+# exp(x) of fp32 logits up to this, summed over any vocab, stays far below fp32's max (3.4e38)
+EXP_SAFE_MAX = 60.0
+
+
+def sample_from_logits(logits, generator, temperature=1.0, bound=None):
     """One id per row with probability softmax(logits / temperature), by inverting the CDF of the
     unnormalised weights with one uniform draw per row. On CPU this is ~10x cheaper than
     torch.multinomial (no exponential noise over the whole vocab, no validity scans, no
-    normalisation), which matters when a whole decode step of a small model takes ~1 ms."""
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()  # (B, V), max 1
+    normalisation), which matters when a whole decode step of a small model takes ~1 ms.
+    With |logits| <= bound and bound / temperature <= EXP_SAFE_MAX the row maximum need not be
+    subtracted first (exp cannot overflow): two passes over the vocab fewer."""
+    if bound is not None and bound / temperature <= EXP_SAFE_MAX:
+        weights = logits.exp() if temperature == 1.0 else torch.exp(logits * (1.0 / temperature))  # (B, V)
+    else:
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()  # (B, V), max 1
     cdf = weights.cumsum_(dim=-1)  # cdf[:, -1] is the total mass
     u = torch.rand((cdf.size(0), 1), generator=generator, dtype=cdf.dtype, device=cdf.device)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first id whose CDF exceeds u * total
@@ -229,6 +241,11 @@ class Engine:
         # self.fast: the weights of the flat one-token step (fast_decode), used on CPU; None (other
         # devices, the qwen2 arch, or set by a caller) decodes through model.forward
         self.fast = None
+        # our GPT computes the prefill's logits at the last position only (other models: all, then [-1])
+        self.prefill_options = {"last_only": True} if isinstance(model, GPT) else {}
+        # soft-capped logits are bounded, which sampling can use (sample_from_logits)
+        softcap = model.config.softcap if isinstance(model, GPT) else 0
+        self.logit_bound = softcap if softcap > 0 else None
         if fast_decode.supports(model) and (self.device.type == "cpu" or weights_dtype is not None):
             self.fast = fast_decode.DecodeWeights(model, weights_dtype)
         elif weights_dtype is not None:
@@ -276,7 +293,7 @@ class Engine:
         # --- prefill the prompt once, at batch 1, then share it with every sample
         prompt_cache = self._new_cache(1, len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, kv_cache=prompt_cache)[:, -1, :]  # (1, V)
+        logits = model(ids, kv_cache=prompt_cache, **self.prefill_options)[:, -1, :]  # (1, V)
         cache = self._new_cache(num_samples, len(tokens) + max_new)
         cache.prefill(prompt_cache)
         del prompt_cache
@@ -289,7 +306,7 @@ class Engine:
         prepared = self.fast.get() if self.fast is not None else None  # weights checked once per call
         watched, end = self.watched, self.assistant_end
         for step in range(max_new):
-            next_ids = sample_next(logits, generator, temperature, top_k, top_p)  # (B_active,)
+            next_ids = sample_next(logits, generator, temperature, top_k, top_p, self.logit_bound)  # (B_active,)
             column = next_ids.tolist()
             masks = [1] * len(column)
             finished = None

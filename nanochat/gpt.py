@@ -404,9 +404,11 @@ class GPT(nn.Module):
             self.cos, self.sin = cos.to(self.cos.dtype), sin.to(self.sin.dtype)
         return self.cos[:, start:start + T], self.sin[:, start:start + T]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx (B, T) int64. Returns logits (B, T, vocab_size) float32, or the loss if targets
-        is given (targets == -1 are ignored; loss_reduction "mean" | "sum" | "none")."""
+        is given (targets == -1 are ignored; loss_reduction "mean" | "sum" | "none").
+        last_only: logits of the last position only, (B, 1, vocab_size): all a generation's prefill
+        needs, without the head's matmul and softcap over every prompt position."""
         cfg = self.config
         B, T = idx.shape
         start = kv_cache.get_pos() if kv_cache is not None else 0
@@ -428,6 +430,8 @@ class GPT(nn.Module):
         if targets is not None and use_fused_head_loss(x, cfg.softcap):
             losses = kernels.SoftcapCrossEntropyCPU.apply(x.reshape(B * T, -1), head, targets.reshape(-1), cfg.softcap)
             return _reduce_loss(losses.view(B, T), targets, loss_reduction)
+        if last_only and targets is None:
+            x = x[:, -1:]
         logits = F.linear(x, head).float()
         if cfg.softcap > 0:
             logits = cfg.softcap * torch.tanh(logits / cfg.softcap)

@@ -139,6 +139,14 @@ def test_sampling_follows_temperature_top_k_and_top_p():
     assert sharp[0] > 0.8  # low temperature concentrates on the most likely id
 
 
+def test_sampling_bounded_logits_without_the_max_draws_the_same_ids():
+    logits = torch.rand(64, 5000, generator=torch.Generator().manual_seed(1)) * 30 - 15  # soft-capped: |x| <= 15
+    for temperature in (1.0, 0.6, 0.1):  # 15 / 0.1 is past the overflow-safe range: the max is subtracted
+        plain = sample_next(logits, torch.Generator().manual_seed(2), temperature)
+        bounded = sample_next(logits, torch.Generator().manual_seed(2), temperature, bound=15.0)
+        assert (plain == bounded).float().mean() > 0.99, temperature  # equal but for CDF rounding at a boundary
+
+
 # -----------------------------------------------------------------------------
 # Tool use
 

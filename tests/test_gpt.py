@@ -161,6 +161,20 @@ def test_cached_prefill_then_decode_equals_uncached_logits(arch):
     assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
 
 
+@pytest.mark.parametrize("arch", ["nanochat", "qwen2"])
+def test_last_only_prefill_gives_the_last_row_of_the_logits_and_the_same_cache(arch):
+    model = randomize_(tiny(arch, n_head=4, n_kv_head=2)).eval()
+    idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full_cache, last_cache = ReferenceKVCache(model.config.n_layer), ReferenceKVCache(model.config.n_layer)
+        full = model(idx, kv_cache=full_cache)
+        last = model(idx, kv_cache=last_cache, last_only=True)
+        assert last.shape == (2, 1, model.config.vocab_size)
+        assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)  # a 1-row matmul rounds its own way
+        nxt = idx[:, :1]  # the next step sees the same cache either way
+        assert torch.equal(model(nxt, kv_cache=last_cache), model(nxt, kv_cache=full_cache))
+
+
 def test_generate_is_deterministic_per_seed_and_greedy_matches_argmax():
     model = randomize_(tiny()).eval()
     prompt = [1, 5, 9]
