@@ -11,9 +11,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import parse_args_noting_explicit, resumed_run_args
+from nanochat.checkpoint_manager import resumed_run_args
 from nanochat.common import NanochatError, compute_cleanup, compute_init, format_duration, init_wandb, print0
 from nanochat.freeze import FrozenRows, resolve_freeze_index
+from nanochat.run_state import capture_rng_state, parse_args_noting_explicit, restore_rng_state
 
 # --resume continues a run with its own arguments (from its checkpoint meta). These flags are always this
 # invocation's; each stage names the ones that may change on resume; any other flag given with a different
@@ -227,7 +228,7 @@ def periodic_save_due(step, save_every, num_iterations):
 def save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, rank, stage, args, metrics,
                           loader_state, **extra_meta):
     """Save the model, optimizers and a meta with everything --resume needs (each rank's loader state, RNG)."""
-    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint
+    from nanochat.checkpoint_manager import save_checkpoint
     config = model.config
     meta = {
         "model_config": config.to_dict(), "arch": config.arch, "tokenizer_fingerprint": tokenizer.fingerprint,
@@ -242,7 +243,6 @@ def save_stage_checkpoint(checkpoint_dir, step, model, optimizers, tokenizer, ra
 def restore_rng(resume_state):
     """Continue the random streams of the run being resumed."""
     if resume_state is not None and resume_state.get("rng"):
-        from nanochat.checkpoint_manager import restore_rng_state
         restore_rng_state(resume_state["rng"])
 
 
