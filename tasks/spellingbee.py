@@ -6,7 +6,9 @@ Spelling tasks over an offline word list (tasks/words.txt), generated determinis
 - SimpleSpelling: "Spell the word: apple" -> "a-p-p-l-e".
 
 Words are split into train/val/test by a hash of the word (tasks/splits.py): a held-out split never
-contains a word seen in training.
+contains a word seen in training. The train split also gets the ~5,000 words of tasks/words_extra.txt
+(never a held-out one): spelling a new word takes knowing the letters of its tokens, which a small
+model learns only from seeing many words spelled.
 """
 
 import functools
@@ -28,9 +30,18 @@ def load_words(path=WORDS_PATH):
         return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
 
 
+EXTRA_TRAIN_WORDS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "words_extra.txt")
+
+
 @functools.lru_cache(maxsize=None)
 def words_of_split(split, path=WORDS_PATH):
-    return tuple(w for w in load_words(path) if split_of("word:" + w) == split)
+    """The words of one split of words.txt; the train split also gets words_extra.txt's, so that the
+    model sees the letters of many more tokens while val/test stay the same held-out words."""
+    words = tuple(w for w in load_words(path) if split_of("word:" + w) == split)
+    if split == "train" and path == WORDS_PATH:
+        held_out = set(words_of_split("val")) | set(words_of_split("test"))
+        words += tuple(w for w in load_words(EXTRA_TRAIN_WORDS_PATH) if w not in held_out)
+    return words
 
 
 def clean_completion(text):

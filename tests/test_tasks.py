@@ -326,6 +326,18 @@ def test_spelling_tasks_are_correct_and_their_words_are_split_disjointly():
         assert not spell.evaluate(conversation, "-".join(conversation["word"][::-1]) + "x")
 
 
+def test_extra_words_widen_only_the_train_split_and_never_hold_a_held_out_word():
+    from tasks.spellingbee import EXTRA_TRAIN_WORDS_PATH, load_words, split_of, words_of_split
+    extra = set(load_words(EXTRA_TRAIN_WORDS_PATH))
+    train, val, test = (set(words_of_split(s)) for s in ("train", "val", "test"))
+    assert len(extra) > 1000 and extra <= train  # the extra words are train words...
+    assert not extra & (val | test)  # ...and never one that is held out
+    base = set(load_words())
+    # val and test are exactly the hash-split words of words.txt, whatever the extra list holds
+    assert val == {w for w in base if split_of("word:" + w) == "val"}
+    assert test == {w for w in base if split_of("word:" + w) == "test"}
+
+
 def test_offline_mixtures_hold_valid_conversations_and_keep_test_items_out():
     from tasks.arithmetic import Arithmetic
     from tasks.offline import offline_mid_tasks, offline_sft_tasks
