@@ -33,13 +33,14 @@ import os
 import re
 import shutil
 
-# the checks of a step directory
-from nanochat.checkpoint_integrity import (COMPLETE_MARKER, META, WEIGHTS, file_checksum,
+# the checks of a step directory (VERIFY_ENV and COMPLETE_MARKER are part of this module's surface too)
+from nanochat.checkpoint_integrity import (COMPLETE_MARKER, META, VERIFY_ENV, WEIGHTS, file_checksum,  # noqa: F401
                                            make_config, missing_optimizer_message, step_files, tell,
                                            validate_checkpoint, verify_checksums, verify_enabled, verify_meta_checksum)
 from nanochat.common import NanochatError, _fsync_dir, atomic_write_json, get_base_dir
-# what a resumed run carries over (the random states themselves: nanochat.run_state)
-from nanochat.run_state import continue_run_args
+# what a resumed run carries over; base_train and the tests use it from here with the rest
+from nanochat.run_state import (capture_rng_state, continue_run_args, parse_args_noting_explicit,  # noqa: F401
+                                restore_rng_state)
 
 # source name (as the stage scripts call it) -> checkpoint folder, and the stage that writes it
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
