@@ -35,23 +35,37 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+WORDS = "the a cat dog sat on mat and ran far away big small red blue".split()
+
+
+def random_word_docs(words=WORDS, n=150, seed=0, length=(3, 30)):
+    """`n` documents of `length[0]..length[1]` words drawn from `words`: a reproducible toy corpus."""
+    import random
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(*length))) for _ in range(n)]
+
+
+def write_word_shards(base, docs, shards=3):
+    """`docs` in `shards` equal parquet shards (row groups of 10 documents) under base/base_data."""
+    import os
+    from nanochat import dataset
+    os.makedirs(base / "base_data")
+    per_shard = len(docs) // shards
+    for s in range(shards):
+        dataset.write_shard(str(base / "base_data" / dataset.shard_name(s)), docs[s * per_shard:(s + 1) * per_shard],
+                            row_group_docs=10)
+
+
 def tiny_base_run(base, num_iterations, save_every, tag="r"):
     """Fill the folder `base` with three parquet shards of random words, a character tokenizer and a
     base_train run `tag` of `num_iterations` steps saved every `save_every`: where the resume and
     checkpoint-integrity tests start. Returns `base`."""
     import os
-    import random
-    from nanochat import dataset
     from scripts import base_train
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     try:
-        rng = random.Random(0)
-        words = "the a cat dog sat on mat and ran far away big small red blue".split()
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
-        os.makedirs(base / "base_data")
-        for s in range(3):
-            shard = str(base / "base_data" / dataset.shard_name(s))
-            dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
+        docs = random_word_docs()
+        write_word_shards(base, docs)
         CharTokenizer.train_from_iterator(docs).save(str(base / "tokenizer"))
         torch.set_num_threads(1)
         assert base_train.main(TINY_TRAIN_ARGS + ["--num-iterations", str(num_iterations), "--save-every",

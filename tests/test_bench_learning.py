@@ -2,10 +2,10 @@
 tokens (or seconds) for every variant, and a tiny end-to-end run prints one table of val bits/byte."""
 
 import os
-import random
 
 import pytest
 
+from conftest import random_word_docs, write_word_shards
 from dev import bench_learning as bl
 from nanochat import dataset
 from nanochat.common import NanochatError
@@ -51,13 +51,8 @@ def test_table_reports_each_variant_against_the_first():
 
 def test_tiny_run_trains_each_variant_for_the_token_budget_and_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    rng = random.Random(0)
-    words = "the a cat dog sat on mat and ran far away big small red blue".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
-    os.makedirs(tmp_path / "base_data")
-    for s in range(3):
-        shard = str(tmp_path / "base_data" / dataset.shard_name(s))
-        dataset.write_shard(shard, docs[s * 50:(s + 1) * 50], row_group_docs=10)
+    docs = random_word_docs()
+    write_word_shards(tmp_path, docs)
     CharTokenizer.train_from_iterator(docs).save(str(tmp_path / "tokenizer"))
     tiny = "--depth 1 --max-seq-len 32 --device-batch-size 2 --buffer-docs 8"
     assert bl.main(["--base-dir", str(tmp_path), "--tokens", "192", "--eval-tokens", "64",
@@ -80,10 +75,8 @@ def test_failed_variant_stops_with_the_log_path(tmp_path):
 
 def test_seconds_budget_sets_the_steps_from_a_probe_run_of_the_variant(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    os.makedirs(tmp_path / "base_data")
     docs = [f"word{i % 7} and word{i % 5} " * 4 for i in range(60)]
-    for s in range(2):
-        dataset.write_shard(str(tmp_path / "base_data" / dataset.shard_name(s)), docs[s * 30:(s + 1) * 30], 10)
+    write_word_shards(tmp_path, docs, shards=2)
     CharTokenizer.train_from_iterator(docs).save(str(tmp_path / "tokenizer"))
     bl.main(["--base-dir", str(tmp_path), "--seconds", "0.3", "--probe-steps", "3", "--eval-tokens", "64",
              "--log", str(tmp_path / "log"), "--variant", "tiny: --depth 1 --max-seq-len 32 --device-batch-size 2"])

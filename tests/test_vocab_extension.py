@@ -3,7 +3,6 @@ vocabulary by 81 tokens (a second language's tokens + new specials), grow the ch
 with the old rows frozen, and check that the doctor tells a good setup from a mismatched one."""
 
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -11,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from conftest import WORDS, random_word_docs, write_word_shards
 from nanochat import checkpoint_manager as cm
-from nanochat import dataset, doctor, pretokenized
+from nanochat import doctor, pretokenized
 from nanochat.common import NanochatError
 from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer, load_tokenizer
@@ -23,10 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 81
 
 
+GREEK_WORDS = "καλημέρα κόσμε γάτα σκύλος θάλασσα ήλιος βιβλίο σπίτι δρόμος φίλος νερό ψωμί".split()
+
+
 def greek_docs(n, seed):
-    rng = random.Random(seed)
-    words = "καλημέρα κόσμε γάτα σκύλος θάλασσα ήλιος βιβλίο σπίτι δρόμος φίλος νερό ψωμί".split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 25))) for _ in range(n)]
+    return random_word_docs(GREEK_WORDS, n, seed, length=(5, 25))
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,8 @@ def scenario(tmp_path_factory):
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     try:
         # --- V0: an English BPE tokenizer and a base model trained a few steps on English shards
-        rng = random.Random(0)
-        words = "the a cat dog sat on mat and ran far away big small red blue house tree".split()
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(150)]
-        os.makedirs(base / "base_data")
-        for s in range(3):
-            dataset.write_shard(str(base / "base_data" / dataset.shard_name(s)), docs[s * 50:(s + 1) * 50], row_group_docs=10)
+        docs = random_word_docs(WORDS + ["house", "tree"])
+        write_word_shards(base, docs)
         v0_tok = RustBPETokenizer.train_from_iterator(iter(docs), vocab_size=256 + 9 + 40)
         v0_tok.save(str(base / "tokenizer"))
         assert base_train.main(["--depth", "1", "--max-seq-len", "64", "--device-batch-size", "2",
