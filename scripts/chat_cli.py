@@ -35,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per answer)")
     parser.add_argument("--device", default="", help="cuda | mps | cpu (default: autodetect)")
-    parser.add_argument("--weights-dtype", default="model", choices=["model", "bfloat16"], help=WEIGHTS_DTYPE_HELP)
+    parser.add_argument("--weights-dtype", default="model", choices=list(WEIGHTS_DTYPES), help=WEIGHTS_DTYPE_HELP)
     args = parser.parse_args(argv)
     if not 0.0 <= args.temperature <= 2.0:
         raise NanochatError(f"--temperature {args.temperature} is out of range; use 0 to 2")

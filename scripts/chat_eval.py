@@ -22,7 +22,7 @@ from nanochat.chat_evaluation import (OFFLINE_TASKS, ONLINE_TASKS, build_eval_ta
                                       run_task_eval)
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, print0,
                              run_main)
-from nanochat.engine import WEIGHTS_DTYPE_HELP
+from nanochat.engine import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPES
 from tasks.common import TaskDataUnavailable
 
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("-m", "--max-new-tokens", type=int, default=256)
     parser.add_argument("--offline", action="store_true", help="use the offline task set (no network)")
     parser.add_argument("--device", default="", help="cuda|mps|cpu (default: autodetect)")
-    parser.add_argument("--weights-dtype", default="model", choices=["model", "bfloat16"],
+    parser.add_argument("--weights-dtype", default="model", choices=list(WEIGHTS_DTYPES),
                         help="generative tasks: " + WEIGHTS_DTYPE_HELP + "; categorical tasks use the model's own")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--unsafe-execution", action="store_true",
@@ -65,7 +65,7 @@ def main(argv=None):
     # --- init
     ddp, rank, local_rank, world_size, device = compute_init(args.device, seed=args.seed)
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import WEIGHTS_DTYPES, Engine
+    from nanochat.engine import Engine
 
     # --- model (load_model checks the tokenizer fingerprint against the checkpoint's)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)

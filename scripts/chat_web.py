@@ -628,7 +628,7 @@ def main(argv=None):
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
     parser.add_argument("--max-tokens", type=int, default=512, help="default longest answer, in tokens")
     parser.add_argument("--device", default="", help="cuda | mps | cpu (default: autodetect)")
-    parser.add_argument("--weights-dtype", default="model", choices=["model", "bfloat16"], help=WEIGHTS_DTYPE_HELP)
+    parser.add_argument("--weights-dtype", default="model", choices=list(WEIGHTS_DTYPES), help=WEIGHTS_DTYPE_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
