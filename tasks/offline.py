@@ -3,11 +3,7 @@ The offline task mixtures for the CPU-scale pipeline (no network): synthetic ari
 calculator tool, the two spelling tasks over tasks/words.txt, and the identity conversations.
 `split` is "train" or "val"; the "test" split of each generated task is kept for chat_eval.
 
-The sizes were chosen on the CPU profile's d4 (same base checkpoint, 600 mid + 300 SFT steps, held-out
-accuracy on 256 problems each, arithmetic / SpellingBee / SimpleSpelling): 4000+2000+2000 mid and
-3000+1500+1000 SFT examples over words.txt alone gave 88% / 54% / 33%; with the extra train words
-(words_extra.txt) and 4000+4000+6000 / 3000+3000+3000, 85% / 78% / 66%; 8000+4000+6000 /
-5000+3000+3000, 90% / 70% / 57%; the sizes below, 87% / 80% / 68%.
+The sizes were chosen by held-out accuracy on the CPU profile's d4 (dev/BENCHMARKS.md, "Spelling").
 """
 
 from tasks.arithmetic import Arithmetic
