@@ -6,8 +6,8 @@ scripts.base_train flags) for the same budget, and print one table of val bits/b
     python -m dev.bench_learning --variant "baseline:" --variant "d6: --depth 6" --seconds 600   # wall-clock budget
     python -m dev.bench_learning --base-dir /tmp/bench_base ...   # reuse (or prepare once) a corpus + tokenizer
 
-Every variant starts from the CPU profile of speedrun.sh (depth 4, seq 256, batch 16 x 256 tokens per step,
-vocab 4096 on the embedded offline corpus); its flags are appended, so they override. Unless a variant sets
+Every variant starts from the CPU profile of speedrun.sh (depth 3, seq 256, batch 16 x 256 tokens per step,
+warmdown 0.5, vocab 4096 on the embedded offline corpus); its flags are appended, so they override. Unless a variant sets
 --total-batch-size, a step is one device batch (device-batch-size x max-seq-len tokens), as in speedrun.sh.
 
 Budgets: --tokens (default) gives every variant the same number of training tokens: independent of machine
@@ -31,8 +31,8 @@ import time
 from nanochat.common import ArgumentParser, NanochatError, run_main
 
 # the CPU profile of speedrun.sh (its `cpu` branch), minus the horizon, which the budget sets
-CPU_PROFILE = ["--depth", "4", "--max-seq-len", "256", "--device-batch-size", "16", "--device", "cpu",
-               "--sample-every", "0", "--save-every", "0", "--eval-every", "0", "--log-every", "1"]
+CPU_PROFILE = ["--depth", "3", "--max-seq-len", "256", "--device-batch-size", "16", "--warmdown-ratio", "0.5",
+               "--device", "cpu", "--sample-every", "0", "--save-every", "0", "--eval-every", "0", "--log-every", "1"]
 MODEL_TAG = "bench_learning"
 
 
