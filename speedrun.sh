@@ -12,7 +12,7 @@
 # Knobs (environment variables): NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NANOCHAT_PROFILE
 # (gpu|rehearsal|cpu|smoke, default: gpu when nvidia-smi sees a GPU, else cpu), NPROC (GPUs to use, default all;
 # rehearsal: 2 CPU ranks), DEPTH, DEVICE_BATCH_SIZE, VOCAB_SIZE, MAX_SEQ_LEN, NUM_SHARDS (gpu: shards fetched before
-# the tokenizer), BASE_ITERS/MID_ITERS/SFT_ITERS (CPU/smoke profiles), ITERS (rehearsal),
+# the tokenizer), BASE_ITERS/MID_ITERS/SFT_ITERS and BASE_WARMDOWN (CPU/smoke profiles), ITERS (rehearsal),
 # SKIP_SETUP=1 (use $PYTHON or python3 instead of creating .venv), UNSAFE_EXECUTION=1 (gpu: let chat_eval run
 # HumanEval's model-written code even where the kernel cannot confine it; by default the doctor stage refuses).
 #
@@ -146,7 +146,7 @@ else
     SEP=()
     if [ "$NANOCHAT_PROFILE" = cpu ]; then
         # depth 3 (width 192) rather than 4: in the same wall-clock it trains 1.8x the tokens and reaches a
-        # lower val bpb (dev/BENCHMARKS.md, "Learning per minute"); the evals use every held-out problem
+        # lower val bpb (dev/BENCHMARKS.md, "Learning per minute"); the final evals use every held-out problem
         DEPTH="${DEPTH:-3}"; VOCAB_SIZE="${VOCAB_SIZE:-4096}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
         DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"; BASE_WARMDOWN="${BASE_WARMDOWN:-0.5}"
         BASE_ITERS="${BASE_ITERS:-1800}"; MID_ITERS="${MID_ITERS:-700}"; SFT_ITERS="${SFT_ITERS:-300}"
@@ -166,7 +166,9 @@ else
     BASE_ARGS=(--depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
                --total-batch-size "$ROWS" --num-iterations "$BASE_ITERS" --eval-every "$(( BASE_ITERS / 4 > 0 ? BASE_ITERS / 4 : 1 ))"
                --eval-tokens "$(( ROWS * 8 ))" --sample-every 0 --save-every "$(( BASE_ITERS / 2 > 0 ? BASE_ITERS / 2 : 1 ))"
-               --warmdown-ratio "${BASE_WARMDOWN:-0.2}" --device cpu)
+               --device cpu)
+    # the CPU profile's own warmdown; otherwise base_train's default
+    if [ -n "${BASE_WARMDOWN:-}" ]; then BASE_ARGS+=(--warmdown-ratio "$BASE_WARMDOWN"); fi
     BASE_EVAL_ARGS=(--device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --split-tokens "$(( ROWS * 16 ))" --skip-core)
     MID_ARGS=(--offline --device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
               --num-iterations "$MID_ITERS" --eval-every 0 --eval-steps 4)
