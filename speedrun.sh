@@ -166,8 +166,10 @@ else
     BASE_ARGS=(--depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
                --total-batch-size "$ROWS" --num-iterations "$BASE_ITERS" --eval-every "$(( BASE_ITERS / 4 > 0 ? BASE_ITERS / 4 : 1 ))"
                --eval-tokens "$(( ROWS * 8 ))" --sample-every 0 --save-every "$(( BASE_ITERS / 2 > 0 ? BASE_ITERS / 2 : 1 ))"
-               --device cpu)
-    # the CPU profile's own warmdown; otherwise base_train's default
+               --device cpu --value-embeds --smear)
+    # value embeddings and smear: per-token parameters at almost no FLOPs, -0.20 val bpb at the CPU profile's
+    # size in the same steps (dev/BENCHMARKS.md, "Learning per minute"); the smoke profile rehearses them too.
+    # The CPU profile's own warmdown; otherwise base_train's default.
     if [ -n "${BASE_WARMDOWN:-}" ]; then BASE_ARGS+=(--warmdown-ratio "$BASE_WARMDOWN"); fi
     BASE_EVAL_ARGS=(--device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --split-tokens "$(( ROWS * 16 ))" --skip-core)
     MID_ARGS=(--offline --device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"

@@ -7,7 +7,8 @@ scripts.base_train flags) for the same budget, and print one table of val bits/b
     python -m dev.bench_learning --base-dir /tmp/bench_base ...   # reuse (or prepare once) a corpus + tokenizer
 
 Every variant starts from the CPU profile of speedrun.sh (depth 3, seq 256, batch 16 x 256 tokens per step,
-warmdown 0.5, vocab 4096 on the embedded offline corpus); its flags are appended, so they override. Unless a variant sets
+warmdown 0.5, value embeddings and smear, vocab 4096 on the embedded offline corpus); its flags are appended,
+so they override (--no-value-embeds, --no-smear turn those off). Unless a variant sets
 --total-batch-size, a step is one device batch (device-batch-size x max-seq-len tokens), as in speedrun.sh.
 
 Budgets: --tokens (default) gives every variant the same number of training tokens: independent of machine
@@ -32,7 +33,8 @@ from nanochat.common import ArgumentParser, NanochatError, run_main
 
 # the CPU profile of speedrun.sh (its `cpu` branch), minus the horizon, which the budget sets
 CPU_PROFILE = ["--depth", "3", "--max-seq-len", "256", "--device-batch-size", "16", "--warmdown-ratio", "0.5",
-               "--device", "cpu", "--sample-every", "0", "--save-every", "0", "--eval-every", "0", "--log-every", "1"]
+               "--value-embeds", "--smear", "--device", "cpu", "--sample-every", "0", "--save-every", "0",
+               "--eval-every", "0", "--log-every", "1"]
 MODEL_TAG = "bench_learning"
 
 
@@ -141,7 +143,7 @@ def main(argv=None):
                    help="training tokens per variant (default: 400 steps of 4096)")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="training seconds per variant instead of --tokens (0: off)")
-    p.add_argument("--probe-steps", type=int, default=12,
+    p.add_argument("--probe-steps", type=int, default=30,
                    help="steps of the probe run that measures ms/step (--seconds)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="val tokens of the final evaluation")
     p.add_argument("--base-dir", default=None,
@@ -169,8 +171,9 @@ def main(argv=None):
             argv_v, step_tokens = variant_argv(flags, args.eval_tokens)
             if args.seconds:
                 probe, _ = train(python, argv_v, args.probe_steps, base_dir, log_path)
-                ms = parse_log(probe)[1][2:]   # the first steps are warm-up (allocator, caches)
-                steps = max(1, int(args.seconds * 1000 / (sum(ms) / len(ms))))
+                # the first steps are warm-up (allocator, caches); the median ignores a step slowed by a hiccup
+                ms = sorted(parse_log(probe)[1][2:])
+                steps = max(1, int(args.seconds * 1000 / ms[len(ms) // 2]))
             else:
                 steps = max(1, round(args.tokens / step_tokens))
             print(f"{name}: {steps} steps x {step_tokens:,} tokens", flush=True)

@@ -37,6 +37,7 @@ class KVCache:
         self.k = None  # (L, B, H_kv, T_max, D)
         self.v = None
         self.pos = 0   # number of positions already written (the rotary offset of the next token)
+        self.prev_embed = None  # (B, 1, C): the last position's embedding, for a model with smear
 
     @property
     def batch_size(self):
@@ -48,6 +49,7 @@ class KVCache:
 
     def reset(self):
         self.pos = 0
+        self.prev_embed = None
 
     def get_pos(self):
         return self.pos
@@ -87,11 +89,14 @@ class KVCache:
         self.k[:, :, :, :n] = other.k[:, :, :, :n]  # broadcasts over the batch dim when other has 1 row
         self.v[:, :, :, :n] = other.v[:, :, :, :n]
         self.pos = n
+        self.prev_embed = None if other.prev_embed is None else other.prev_embed.expand(B, -1, -1).clone()
 
     def keep_rows(self, rows):
         """Drop finished rows: keep only batch rows `rows` (LongTensor of indices), in that order."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+        if self.prev_embed is not None:
+            self.prev_embed = self.prev_embed.index_select(0, rows)
         self.shape = (self.shape[0], len(rows)) + self.shape[2:]
 
 

@@ -16,7 +16,9 @@ activations:
 - keys/values written straight into the preallocated cache, attention of the single query by SDPA
   over the cached prefix (grouped-query heads by a view, never a copy);
 - ReLU² and the residual adds in place; the 1/softcap of the logits folded into the head's copy;
-- matrices laid out for x @ W on small models.
+- matrices laid out for x @ W on small models;
+- a model's value embeddings and smear (GPTConfig) as the forward applies them, their gates reading
+  the same normalised activations (with the folded sqrt(C) carried by the prepared gate weight).
 Optional reduced-precision weights (`weights_dtype=torch.bfloat16`): every matmul reads bf16 weights
 (half the bytes per token, which is what bounds a large model's decode on a CPU), activations stay
 fp32. tests/test_fast_decode.py checks it against the plain forward.
@@ -45,12 +47,14 @@ TRANSPOSED_COPY_MAX_PARAMS = 100_000_000
 # -----------------------------------------------------------------------------
 # Weights and constants, prepared once per version of the model's parameters
 
-Prepared = collections.namedtuple("Prepared", "layers head embed transposed folded consts rotary")
+Prepared = collections.namedtuple("Prepared", "layers head embed transposed folded consts rotary value_embeds smear")
 Prepared.__doc__ = """What one step reads.
 layers: per block (w_qkv, w_o, w_fc, w_proj); head: the output matrix (vocab_size rows only);
 embed: the RMS-normalised embedding table, or None (normalised per step); transposed: matrices are
 (in, out); folded: the matrices after a norm carry its sqrt(C), the head also 1/softcap; consts:
-0-d tensors (a Python float operand costs a scalar-to-tensor copy per op); rotary: RotaryMatrices."""
+0-d tensors (a Python float operand costs a scalar-to-tensor copy per op); rotary: RotaryMatrices;
+value_embeds: per block (table, gate weight (Hkv, K) read as x[:, :K] @ gate.T) or None; smear: (gate
+weight (1, K), lambda) or None. Each gate weight carries the sqrt(C) when the matrices are folded."""
 
 
 class DecodeWeights:
@@ -109,7 +113,15 @@ class DecodeWeights:
         const = lambda v: torch.tensor(v, dtype=torch.float32, device=wte.device)  # noqa: E731
         consts = {"root_c": const(root_c), "root_c_eps": const((cfg.n_embd * cfg.rms_eps) ** 0.5),
                   "root_d_eps": const((cfg.head_dim * cfg.rms_eps) ** 0.5), "softcap": const(cfg.softcap)}
-        return Prepared(layers, head, embed, self.transposed, self.folded, consts, RotaryMatrices(model))
+        gate_scale = root_c if self.folded else 1.0  # a gate reads norm_in(x), which lacks the folded sqrt(C)
+        value_embeds = [None] * len(layers)
+        if model.value_embeds is not None:
+            for key, table in model.value_embeds.items():
+                block = model.transformer.h[int(key)]
+                value_embeds[int(key)] = (table.weight, block.attn.ve_gate.weight * gate_scale)
+        smear = (model.smear_gate.weight, model.smear_lambda) if cfg.smear else None
+        return Prepared(layers, head, embed, self.transposed, self.folded, consts, RotaryMatrices(model),
+                        value_embeds, smear)
 
 
 def matmul(prepared, x, w):
@@ -181,6 +193,17 @@ def _scaled_rms(x, root_k_eps):
     return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), root_k_eps)
 
 
+def _smear(x, cache, gate_w, lam):
+    """x (B, C), this token's normalised embedding -> x + lambda * sigmoid(gate(x)) * the previous one
+    (GPT._smear); the cache keeps this token's embedding for the next step."""
+    prev = cache.prev_embed
+    cache.prev_embed = x.unsqueeze(1)
+    if prev is None:
+        return x
+    gate = lam.to(x.dtype) * torch.sigmoid(F.linear(x[:, :gate_w.size(1)], gate_w.to(x.dtype)))  # (B, 1)
+    return x + gate * prev.view_as(x).to(x.dtype)
+
+
 @torch.inference_mode()
 def decode_step(model, prepared, ids, cache):
     """ids (B,) int64, the newest token of every row; prepared: DecodeWeights.get(); cache:
@@ -215,9 +238,16 @@ def decode_step(model, prepared, ids, cache):
         x = F.embedding(ids, prepared.embed)  # (B, C), already RMS-normalised
     else:
         x = F.rms_norm(F.embedding(ids, model.transformer.wte.weight).to(dtype), (cfg.n_embd,), eps=cfg.rms_eps)
+    if prepared.smear is not None:
+        x = _smear(x, cache, *prepared.smear)
     keys_all, values_all = cache.k.unbind(0), cache.v.unbind(0)  # per layer (B, Hkv, T_max, D)
     for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(prepared.layers):
-        qk, v = mm(norm_in(x), w_qkv).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=1)
+        xn = norm_in(x)
+        qk, v = mm(xn, w_qkv).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=1)
+        if prepared.value_embeds[i] is not None:
+            table, gate_w = prepared.value_embeds[i]
+            gate = torch.sigmoid(F.linear(xn[:, :gate_w.size(1)], gate_w.to(xn.dtype))).mul_(2)  # (B, Hkv)
+            v = v + gate.unsqueeze(-1) * F.embedding(ids, table).to(v.dtype).view(B, Hkv, D)
         # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
         q, k = torch.mm(qk_norm(qk).view(-1, D), rotation).view(B, H + Hkv, D).split([H, Hkv], dim=1)
         layer_k, layer_v = keys_all[i], values_all[i]

@@ -4,7 +4,7 @@ Freezing the first N rows of the token embedding and the output head.
 After growing a trained model's vocabulary (scripts/tok_extend + checkpoint extension), the old
 rows already encode what pretraining learned; later stages (mid_train, chat_sft) should teach the
 new rows without disturbing the old ones. `--freeze-until-index N` keeps rows < N of the
-embedding (wte) and of the output head (lm_head) bit-identical through training:
+embedding (wte), of the output head (lm_head) and of any value embeddings bit-identical through training:
 
 1. a gradient hook zeroes the gradient of rows < N, so they contribute nothing to the
    optimizer's moments (and nothing to gradient-norm clipping);
@@ -66,8 +66,8 @@ def resolve_freeze_index(flag_value, tokenizer, tokenizer_dir=None):
 # Which parameters hold one row per token
 
 def vocab_parameters(model):
-    """The embedding and output-head weights (one row per token id), deduplicated when tied.
-    Looks for model.transformer.wte / model.lm_head first, then any nn.Embedding."""
+    """The embedding and output-head weights (one row per token id), deduplicated when tied, and any
+    value-embedding tables. Looks for model.transformer.wte / model.lm_head first, then any nn.Embedding."""
     found = []
     candidates = []
     transformer = getattr(model, "transformer", None)
@@ -75,6 +75,9 @@ def vocab_parameters(model):
         candidates.append(("wte", transformer.wte))
     if hasattr(model, "lm_head"):
         candidates.append(("lm_head", model.lm_head))
+    value_embeds = getattr(model, "value_embeds", None)
+    if candidates and value_embeds is not None:
+        candidates += [(f"value_embeds.{key}", table) for key, table in value_embeds.items()]
     if not candidates:
         candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
     seen = set()

@@ -50,6 +50,8 @@ class GPTConfig:
     tie_embeddings: bool = False     # only allowed for qwen2
     softcap: float = None            # None -> 15 (nanochat), 0 = off (qwen2)
     pad_vocab_to: int = 64
+    value_embeds: bool = False       # nanochat only: per-token value embeddings in alternate layers (ResFormer)
+    smear: bool = False              # nanochat only: each position gets a gated share of the previous embedding
 
     def __post_init__(self):
         # Resolve the arch-dependent defaults so that asdict(config) is complete and explicit.
@@ -83,6 +85,11 @@ class GPTConfig:
             raise NanochatError(f"model config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.tie_embeddings and self.arch != "qwen2":
             raise NanochatError("model config: tied embeddings are only supported with --arch qwen2")
+        for name in ("value_embeds", "smear"):
+            if not isinstance(getattr(self, name), bool):
+                raise NanochatError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+            if getattr(self, name) and self.arch != "nanochat":
+                raise NanochatError(f"model config: {name} is only supported with --arch nanochat")
         if not (self.rope_theta > 0 and self.rms_eps > 0 and self.softcap >= 0):
             raise NanochatError("model config: rope_theta and rms_eps must be > 0 and softcap >= 0")
 
@@ -104,6 +111,18 @@ class GPTConfig:
         if unknown:
             raise NanochatError(f"model config has unknown fields {unknown}; was it written by a newer nanochat?")
         return cls(**d)
+
+
+def value_embed_layers(n_layer):
+    """The layers that add a value embedding: every other one, counted back from the last."""
+    return [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
+
+
+# The gates of value embeddings and smear read only the first channels of their input: a gate needs a
+# hint of the token, not the whole vector, and a narrow gate costs nothing next to the block's matmuls.
+VE_GATE_CHANNELS = 12
+SMEAR_GATE_CHANNELS = 24
+SMEAR_LR = 0.2
 
 
 def _round_up(x, multiple):
@@ -193,8 +212,10 @@ def attention(q, k, v, gqa):
 
 
 def use_fused_head_loss(x, softcap):
-    """The fused soft-capped cross-entropy (kernels.SoftcapCrossEntropyCPU): fp32 on CPU, eager only."""
+    """The fused soft-capped cross-entropy (kernels.SoftcapCrossEntropyCPU): fp32 on CPU, eager only
+    (under autocast its backward's matmuls would meet bf16 operands)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
             and 0 < softcap <= kernels.SoftcapCrossEntropyCPU.MAX_SOFTCAP)
 
 
@@ -235,6 +256,9 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        # value embeddings: v += gate(x) * ve(token), gate in (0, 2) per kv head (1 at init)
+        has_ve = config.value_embeds and layer_idx in value_embed_layers(config.n_layer)
+        self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False) if has_ve else None
 
     def qkv_weight(self):
         """q, k and v weights stacked for one matmul (they stay separate parameters: HF names, Muon per
@@ -253,13 +277,17 @@ class CausalSelfAttention(nn.Module):
             cached = self._qkv_cache = (key, w, b)
         return cached[1], cached[2]
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+        """x (B, T, C); ve (B, T, H_kv * D): this layer's value embedding of the tokens, or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         weight, bias = self.qkv_weight()
         # split, not slicing: the backward of a split is one concatenation of the parts' gradients,
         # that of each slice a zero-filled full-size gradient plus an add
         qk, v = F.linear(x, weight, bias).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(F.linear(x[..., :self.ve_gate.in_features], self.ve_gate.weight))  # (B, T, Hkv)
+            v = v + (gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)).to(v.dtype)
         qk = apply_rotary(qk, cos, sin)  # rotary (and QK-norm) on q and k together
         if self.qk_norm:
             qk = rms_norm(qk, eps=self.rms_eps)
@@ -310,8 +338,8 @@ class Block(nn.Module):
     def norm2(self, x):
         return self.ln_2(x) if self.ln_2 is not None else rms_norm(x, eps=self.eps)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(self.norm1(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+        x = x + self.attn(self.norm1(x), cos, sin, kv_cache, ve)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -336,6 +364,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # Optional extras that add parameters but almost no FLOPs (lookups and 1-row gates): worth most
+        # to small models, whose per-token compute is what a budget limits.
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.padded_vocab_size, kv_dim)
+                                           for i in value_embed_layers(config.n_layer)}) if config.value_embeds else None
+        if config.smear:
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         # Rotary tables cover 10x the training length so generation can run past it; they are
         # grown on demand beyond that. Non-persistent: recomputed on device, never checkpointed.
         cos, sin = self._rotary_tables(config.sequence_len * 10)
@@ -380,6 +416,15 @@ class GPT(nn.Module):
                 linear.weight.uniform_(-bound, bound)
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.zero_()  # gate 1: v + ve
+        if self.value_embeds is not None:
+            bound = math.sqrt(3.0 / cfg.n_embd)  # as c_v's weights
+            for table in self.value_embeds.values():
+                table.weight.uniform_(-bound, bound)
+        if cfg.smear:
+            self.smear_gate.weight.zero_()
+            self.smear_lambda.zero_()  # off at init; training opens it
 
     # --- accounting ---------------------------------------------------------------
 
@@ -387,12 +432,14 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self):
-        """FLOPs per token for forward+backward: 6 * (params except the token embedding, a lookup)
+        """FLOPs per token for forward+backward: 6 * (params except the embedding tables, lookups)
         plus attention's 12 * n_layer * n_head * head_dim * seq_len."""
         cfg = self.config
         nparams = self.num_params()
         if not cfg.tie_embeddings:
             nparams -= self.transformer.wte.weight.numel()
+        if self.value_embeds is not None:
+            nparams -= sum(p.numel() for p in self.value_embeds.parameters())
         return 6 * nparams + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
 
     # --- forward ------------------------------------------------------------------
@@ -416,9 +463,12 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if cfg.arch == "nanochat":
             x = rms_norm(x, eps=cfg.rms_eps)
+        if cfg.smear:
+            x = self._smear(x, kv_cache)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        for i, block in enumerate(self.transformer.h):
+            ve = self.value_embeds[str(i)](idx) if self.value_embeds is not None and str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
         if cfg.arch == "qwen2":
             x = self.transformer.ln_f(x)
         else:
@@ -443,6 +493,22 @@ class GPT(nn.Module):
             loss = loss.view(B, T)
         return loss
 
+    def _smear(self, x, kv_cache):
+        """x (B, T, C), the normalised embeddings -> x[t] + lambda * sigmoid(gate(x[t])) * x[t-1].
+        A sequence's first position has no predecessor; with a KV cache the predecessor of the first
+        new position is the last one the cache saw (kv_cache.prev_embed)."""
+        first = kv_cache.prev_embed if kv_cache is not None and kv_cache.get_pos() > 0 else None
+        if kv_cache is not None:
+            kv_cache.prev_embed = x[:, -1:]
+        if first is None:
+            cur, prev = x[:, 1:], x[:, :-1]
+        else:
+            cur, prev = x, torch.cat([first.to(x.dtype), x[:, :-1]], dim=1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(
+            F.linear(cur[..., :self.smear_gate.in_features], self.smear_gate.weight))  # (B, T', 1)
+        mixed = cur + gate * prev
+        return mixed if first is not None else torch.cat([x[:, :1], mixed], dim=1)
+
     # --- optimisers -----------------------------------------------------------------
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
@@ -464,8 +530,10 @@ class GPT(nn.Module):
                 scalar_params.append(p)  # final norm weight (qwen2)
         embedding_params = [self.transformer.wte.weight]
         head_params = [] if self.config.tie_embeddings else [self.lm_head.weight]
+        value_embed_params = list(self.value_embeds.parameters()) if self.value_embeds is not None else []
+        smear_params = [self.smear_gate.weight, self.smear_lambda] if self.config.smear else []
         all_ids = {id(p) for p in self.parameters()}
-        grouped = matrix_params + scalar_params + embedding_params + head_params
+        grouped = matrix_params + scalar_params + embedding_params + head_params + value_embed_params + smear_params
         assert len(grouped) == len(all_ids) and {id(p) for p in grouped} == all_ids, "a parameter has no optimizer"
         scale = (self.config.n_embd / 768) ** -0.5
         scalar_lr = matrix_lr if scalar_lr is None else scalar_lr
@@ -474,6 +542,10 @@ class GPT(nn.Module):
             adam_groups.append(dict(params=head_params, lr=unembedding_lr * scale))
         if scalar_params:
             adam_groups.append(dict(params=scalar_params, lr=scalar_lr * scale))
+        if value_embed_params:  # half the token embedding's LR, as newer nanochat
+            adam_groups.append(dict(params=value_embed_params, lr=0.5 * embedding_lr * scale))
+        if smear_params:        # a gate and a scalar: a fixed LR, as newer nanochat
+            adam_groups.append(dict(params=smear_params, lr=SMEAR_LR))
         ddp = is_ddp()
         adamw = (DistAdamW if ddp else AdamW)(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
         muon = (DistMuon if ddp else Muon)(matrix_params, lr=matrix_lr, momentum=0.95)

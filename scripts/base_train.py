@@ -21,6 +21,7 @@ checked first (presence, checksums, headers, shapes, tokenizer); a bad one is na
 steps that pass. A non-finite loss or gradient norm stops the run before the optimizer update.
 """
 
+import argparse
 import os
 import time
 from contextlib import nullcontext
@@ -46,6 +47,10 @@ def build_parser():
     p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64*depth")
     p.add_argument("--arch", default="nanochat", choices=["nanochat", "qwen2"], help="Transformer block flavour")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length T of training rows")
+    p.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False,
+                   help="add per-token value embeddings to every other layer (parameters, almost no FLOPs)")
+    p.add_argument("--smear", action=argparse.BooleanOptionalAction, default=False,
+                   help="mix a gated share of the previous token's embedding into each position")
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
     p.add_argument("--total-batch-size", type=int, default=524288,
@@ -390,7 +395,8 @@ def main(argv=None):
     if resume is not None:
         config = resume.config
     else:
-        config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
+        config = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T,
+                                  value_embeds=args.value_embeds, smear=args.smear)
     pretok_dir = None
     if args.data == "pretokenized":
         from nanochat.pretokenized import pretokenized_dir
@@ -402,7 +408,8 @@ def main(argv=None):
                             "checkpoint/data were made with (or extend the checkpoint with scripts.tok_extend, "
                             "or re-run `python -m nanochat.dataset --pretokenize`)")
     if resume is not None:
-        wanted = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T)
+        wanted = config_from_depth(args.depth, vocab_size, arch=args.arch, sequence_len=T,
+                                  value_embeds=args.value_embeds, smear=args.smear)
         check_resume_matches(resume, config, wanted, world_size)
     tokenizer.encode_special("<|bos|>")  # a tokenizer without BOS cannot make BOS-aligned rows
 

@@ -104,6 +104,11 @@ def check_exportable(config):
     if config.arch not in NAME_MAPS:
         raise NanochatError(f"cannot export arch {config.arch!r} to Hugging Face; exportable archs: "
                             f"{', '.join(NAME_MAPS)}")
+    extras = [name for name in ("value_embeds", "smear") if getattr(config, name)]
+    if extras:
+        raise NanochatError(f"cannot export a model with {' and '.join(extras)} to Hugging Face: transformers' "
+                            f"{HF_ARCHITECTURES[config.arch]} has no such part (chat with it through "
+                            f"scripts.chat_cli / chat_web, which serve it as trained)")
 
 
 def _flip_rotary_halves(weight, head_dim):

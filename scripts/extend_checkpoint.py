@@ -135,9 +135,10 @@ def main(argv=None):
     print0(f"extending {step_dir}: vocab {v0:,} -> {v1:,} ({v1 - v0:,} new rows), "
            f"tokenizer {old.fingerprint[:16]} -> {new.fingerprint[:16]}")
 
-    # --- grow the embedding and the head (tied weights are grown once)
+    # --- grow the embedding, the head and any value embeddings (tied weights are grown once)
     old_rows, new_rows = config.padded_vocab_size, new_config.padded_vocab_size
-    for name in ("transformer.wte.weight", "lm_head.weight"):
+    value_embeds = sorted(name for name in state if name.startswith("value_embeds."))  # per-token tables too
+    for name in ["transformer.wte.weight", "lm_head.weight"] + value_embeds:
         if name in state and not (name == "lm_head.weight" and config.tie_embeddings):
             state[name] = grow_rows(state[name], old, new, new_rows)
     if config.tie_embeddings:

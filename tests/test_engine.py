@@ -18,10 +18,10 @@ from nanochat.tokenizer import CharTokenizer, RustBPETokenizer
 CORPUS = "the quick brown fox jumps over the lazy dog 0123456789 +-*/().,!? " + "".join(chr(c) for c in range(0x3b1, 0x3c9))
 
 
-def tiny_model(vocab_size, depth=2, sequence_len=256, seed=0):
+def tiny_model(vocab_size, depth=2, sequence_len=256, seed=0, **extras):
     """A random model whose logits are far from uniform (nanochat's init starts blocks as identity)."""
     torch.manual_seed(seed)
-    model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=sequence_len))
+    model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=sequence_len, **extras))
     model.init_weights()
     with torch.no_grad():
         for p in model.parameters():
@@ -46,8 +46,11 @@ def cut_at_stop(ids, engine):
 # -----------------------------------------------------------------------------
 # Correctness against the naive model
 
-def test_greedy_engine_output_equals_naive_generate_token_for_token(char_setup):
+@pytest.mark.parametrize("extras", [{}, dict(value_embeds=True, smear=True)])
+def test_greedy_engine_output_equals_naive_generate_token_for_token(char_setup, extras):
     model, tokenizer = char_setup
+    if extras:  # the cache also carries the smear's last embedding through prefill copies
+        model = tiny_model(tokenizer.get_vocab_size(), **extras)
     engine = Engine(model, tokenizer)
     prompts = ["the quick", "0123 + 45", "αβγ δεζ", "x"]
     compared = 0
@@ -123,6 +126,20 @@ def test_kv_cache_returns_everything_so_far_and_prefill_copies_one_row_into_many
     assert torch.equal(k[:, :, 3:], k_new)
     with pytest.raises(NanochatError, match="overflow"):
         many.insert_kv(0, torch.randn(5, 2, 9, 4), torch.randn(5, 2, 9, 4))
+
+
+def test_the_last_embedding_of_a_smear_model_follows_prefill_copies_and_dropped_rows():
+    one = KVCache(batch_size=1, num_heads=1, head_dim=2, num_layers=1, max_len=4)
+    one.insert_kv(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    one.prev_embed = torch.tensor([[[1.0, 2.0]]])  # (B, 1, C), as GPT.forward leaves it
+    many = KVCache(batch_size=3, num_heads=1, head_dim=2, num_layers=1, max_len=4)
+    many.prefill(one)
+    assert torch.equal(many.prev_embed, torch.tensor([[[1.0, 2.0]]] * 3))
+    many.prev_embed[1] += 10  # rows are independent copies
+    many.keep_rows(torch.tensor([1, 2]))
+    assert torch.equal(many.prev_embed, torch.tensor([[[11.0, 12.0]], [[1.0, 2.0]]]))
+    many.reset()
+    assert many.prev_embed is None and many.get_pos() == 0
 
 
 def test_sampling_follows_temperature_top_k_and_top_p():

@@ -2,7 +2,7 @@
 The flat one-token decode step (nanochat/fast_decode.py) computes what GPT.forward computes with
 a KV cache: the same logits and the same cached keys/values, step after step, at any batch size,
 with grouped-query heads, with or without its transposed weight copy, across the blocks of rotation
-matrices; bf16 weights stay close; a changed weight is picked up; a full cache is refused with the
+matrices, with value embeddings and smear; bf16 weights stay close; a changed weight is picked up; a full cache is refused with the
 cache's own error.
 """
 
@@ -17,9 +17,10 @@ from nanochat.engine import KVCache
 from nanochat.gpt import GPT, config_from_depth
 
 
-def random_model(n_kv_head=None, vocab_size=300, seed=0):
+def random_model(n_kv_head=None, vocab_size=300, seed=0, **extras):
     torch.manual_seed(seed)
-    cfg = config_from_depth(2, vocab_size=vocab_size, sequence_len=64, n_embd=128, n_head=4, n_kv_head=n_kv_head)
+    cfg = config_from_depth(2, vocab_size=vocab_size, sequence_len=64, n_embd=128, n_head=4, n_kv_head=n_kv_head,
+                            **extras)
     model = GPT(cfg)
     model.init_weights()
     with torch.no_grad():  # far from nanochat's identity init, so every part of the step matters
@@ -72,6 +73,18 @@ def test_decode_step_without_the_transposed_copy_is_equal_too(monkeypatch):
     weights = fast_decode.DecodeWeights(model)
     assert not weights.transposed
     logits_diff, cache_diff = run_both(model, weights, batch=2)
+    assert logits_diff < 1e-4 and cache_diff < 1e-5
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("extras", [dict(value_embeds=True), dict(smear=True), dict(value_embeds=True, smear=True)])
+def test_value_embeddings_and_smear_decode_as_the_plain_forward(monkeypatch, extras, transposed):
+    if not transposed:
+        monkeypatch.setattr(fast_decode, "TRANSPOSED_COPY_MAX_PARAMS", 0)
+    model = random_model(n_kv_head=2, **extras)
+    weights = fast_decode.DecodeWeights(model)
+    assert weights.transposed == transposed
+    logits_diff, cache_diff = run_both(model, weights, batch=3)
     assert logits_diff < 1e-4 and cache_diff < 1e-5
 
 

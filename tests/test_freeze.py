@@ -1,4 +1,4 @@
-"""--freeze-until-index: rows < N of the embedding and output head stay bit-identical through
+"""--freeze-until-index: rows < N of the embedding, the output head and any value embeddings stay bit-identical through
 training with the real optimizers (AdamW with weight decay + Muon), rows >= N still learn,
 and a freeze index above the vocab size is an error, never a silent clamp."""
 
@@ -14,9 +14,9 @@ VOCAB = 100
 FREEZE = 60
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **extras):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, **extras))
     model.init_weights()
     return model
 
@@ -56,6 +56,18 @@ def test_frozen_rows_stay_bit_identical_and_other_rows_change_with_adamw_weight_
     # rows >= N are trained: every one of the (non-padding) rows moved
     assert (wte1[FREEZE:VOCAB] != wte0[FREEZE:VOCAB]).any(dim=1).all()
     assert (head1[FREEZE:VOCAB] != head0[FREEZE:VOCAB]).any(dim=1).all()
+    frozen.remove()
+
+
+def test_value_embedding_tables_are_frozen_row_by_row_as_the_embedding_is():
+    model = tiny_model(value_embeds=True)
+    optimizers = model.setup_optimizers(weight_decay=0.1)
+    table = model.value_embeds["1"].weight
+    before = table.detach().clone()
+    frozen = FrozenRows(model, FREEZE, VOCAB)
+    train_steps(model, optimizers, 3, frozen=frozen)
+    assert torch.equal(table[:FREEZE], before[:FREEZE])
+    assert (table[FREEZE:VOCAB] != before[FREEZE:VOCAB]).any(dim=1).all()
     frozen.remove()
 
 

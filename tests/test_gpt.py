@@ -1,5 +1,5 @@
 """The GPT model: sizing and validation, padded vocab, loss, KV-cache protocol, naive generate,
-optimizer groups, exact agreement of the qwen2 block with transformers' Qwen2ForCausalLM, and
+optimizer groups, the optional value embeddings and smear, exact agreement of the qwen2 block with transformers' Qwen2ForCausalLM, and
 the Hugging Face export."""
 
 import json
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from nanochat.common import NanochatError
-from nanochat.gpt import GPT, GPTConfig, config_from_depth, heads_for_width
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, heads_for_width, value_embed_layers
+
+EXTRAS = dict(value_embeds=True, smear=True)
 
 
 def tiny(arch="nanochat", vocab_size=300, seed=0, **overrides):
@@ -36,6 +38,7 @@ class ReferenceKVCache:
     def __init__(self, n_layer):
         self.n_layer, self.pos = n_layer, 0
         self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.prev_embed = None  # a smear model keeps the last position's embedding here
 
     def get_pos(self):
         return self.pos
@@ -76,6 +79,9 @@ def test_config_overrides_apply_and_arch_defaults_resolve():
     (dict(vocab_size=0), "vocab_size"),
     (dict(arch="llama"), "unknown arch"),
     (dict(tie_embeddings=True), "tied embeddings"),
+    (dict(arch="qwen2", value_embeds=True), "value_embeds is only supported with --arch nanochat"),
+    (dict(arch="qwen2", smear=True), "smear is only supported with --arch nanochat"),
+    (dict(smear=1), "smear must be true or false"),
 ])
 def test_invalid_config_raises_a_clear_error(kwargs, message):
     base = dict(sequence_len=32, vocab_size=100, n_layer=1, n_head=2, n_embd=64)
@@ -126,6 +132,23 @@ def test_loss_ignores_minus_one_targets_and_reductions_agree():
     assert torch.allclose(model(idx, targets), manual, rtol=1e-5)
 
 
+@pytest.mark.parametrize("extras", [{}, EXTRAS])
+def test_a_bf16_autocast_training_step_on_cpu_matches_fp32_closely(extras):
+    """base_train --dtype bfloat16 on a CPU: the forward and backward run under autocast (the fused fp32
+    loss kernel steps aside) and give the fp32 loss and gradients to bf16 precision."""
+    model = randomize_(tiny(**extras))
+    idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    loss32 = model(idx, targets=idx)
+    loss32.backward()
+    grad32 = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(idx, targets=idx)
+    loss16.backward()
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.02)
+    assert torch.allclose(model.lm_head.weight.grad, grad32, atol=0.05 * grad32.abs().max().item())
+
+
 def test_a_few_optimizer_steps_reduce_the_loss_on_a_fixed_batch():
     for arch in ("nanochat", "qwen2"):
         model = tiny(arch)
@@ -145,9 +168,9 @@ def test_a_few_optimizer_steps_reduce_the_loss_on_a_fixed_batch():
 # -----------------------------------------------------------------------------
 # KV cache protocol and generation
 
-@pytest.mark.parametrize("arch", ["nanochat", "qwen2"])
-def test_cached_prefill_then_decode_equals_uncached_logits(arch):
-    model = randomize_(tiny(arch, n_head=4, n_kv_head=2)).eval()
+@pytest.mark.parametrize("arch, extras", [("nanochat", {}), ("qwen2", {}), ("nanochat", EXTRAS)])
+def test_cached_prefill_then_decode_equals_uncached_logits(arch, extras):
+    model = randomize_(tiny(arch, n_head=4, n_kv_head=2, **extras)).eval()
     idx = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(idx)
@@ -206,10 +229,10 @@ def test_generate_windows_context_past_sequence_len():
 # -----------------------------------------------------------------------------
 # Accounting and optimizer groups
 
-@pytest.mark.parametrize("arch", ["nanochat", "qwen2"])
-def test_estimate_flops_matches_the_flops_a_training_step_actually_runs(arch):
+@pytest.mark.parametrize("arch, extras", [("nanochat", {}), ("qwen2", {}), ("nanochat", EXTRAS)])
+def test_estimate_flops_matches_the_flops_a_training_step_actually_runs(arch, extras):
     from torch.utils.flop_counter import FlopCounterMode
-    model = tiny(arch)
+    model = tiny(arch, **extras)
     T = model.config.sequence_len
     x, y = torch.randint(0, 300, (2, 1, T), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
@@ -237,6 +260,83 @@ def test_setup_optimizers_puts_block_matrices_in_muon_and_the_rest_in_adamw(arch
     for opt in (adamw, muon):
         for g in opt.param_groups:
             assert g["initial_lr"] == g["lr"]
+
+
+def test_value_embeddings_and_smear_are_learned_by_adamw_with_their_own_rates():
+    from nanochat.gpt import SMEAR_LR
+    model = tiny(**EXTRAS)
+    adamw, muon = model.setup_optimizers(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
+    lr_of = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert len(lr_of) + len(muon_ids) == len(list(model.parameters()))
+    scale = (model.config.n_embd / 768) ** -0.5
+    assert [lr_of[id(t.weight)] for t in model.value_embeds.values()] == [pytest.approx(0.1 * scale)] * 1
+    assert lr_of[id(model.smear_gate.weight)] == lr_of[id(model.smear_lambda)] == SMEAR_LR
+    gates = [b.attn.ve_gate for b in model.transformer.h if b.attn.ve_gate is not None]
+    assert len(gates) == 1 and id(gates[0].weight) in muon_ids  # a 2-D matrix inside a block
+
+
+# -----------------------------------------------------------------------------
+# Value embeddings and smear
+
+@pytest.mark.parametrize("extras", [{}, dict(value_embeds=True), dict(smear=True)])
+def test_no_position_sees_a_later_token(extras):
+    """Changing token t changes no logits before t (a leak would make val loss meaninglessly low)."""
+    model = randomize_(tiny(**extras)).eval()
+    idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        base = model(idx)
+        for t in (1, 8, 15):
+            changed = idx.clone()
+            changed[0, t] = (changed[0, t] + 1) % 300
+            out = model(changed)
+            assert torch.equal(out[:, :t], base[:, :t])
+            assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_value_embeddings_go_to_every_other_layer_ending_with_the_last():
+    assert value_embed_layers(1) == [0]
+    assert value_embed_layers(3) == [0, 2]
+    assert value_embed_layers(4) == [1, 3]
+    model = tiny(value_embeds=True)
+    assert sorted(model.value_embeds) == ["1"]
+    assert [b.attn.ve_gate is not None for b in model.transformer.h] == [False, True]
+    assert model.value_embeds["1"].weight.shape == (model.config.padded_vocab_size,
+                                                    model.config.n_kv_head * model.config.head_dim)
+
+
+def test_a_value_embedding_adds_a_token_dependent_term_to_the_values():
+    """With the tables zeroed, the model computes what the same weights without value embeddings
+    compute; with trained (here random) tables, its logits differ."""
+    plain = randomize_(tiny())
+    ve = tiny(value_embeds=True)
+    ve.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for table in ve.value_embeds.values():
+            table.weight.zero_()
+        assert torch.allclose(ve(idx), plain(idx), atol=1e-6)
+        for table in ve.value_embeds.values():
+            table.weight.normal_(0.0, 1.0)
+        assert (ve(idx) - plain(idx)).abs().max() > 1e-2
+
+
+def test_smear_lets_a_position_see_the_previous_token_before_any_attention():
+    """With every block an identity (zero output projections), position t's logits depend on token t
+    alone; with smear open, also on token t-1, and only on it (not on t-2)."""
+    model = tiny(smear=True)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0)
+    a = torch.tensor([[5, 6, 7, 8]])
+    b = torch.tensor([[9, 6, 7, 8]])   # token 0 changed
+    c = torch.tensor([[5, 9, 7, 8]])   # token 1 changed
+    with torch.no_grad():
+        assert torch.equal(model(a)[:, 2:], model(c)[:, 2:])  # at init the smear is closed (lambda 0)
+        model.smear_lambda.fill_(1.0)
+        la, lb, lc = model(a), model(b), model(c)
+    assert not torch.allclose(la[:, 2], lc[:, 2])  # position 2 sees token 1
+    assert torch.equal(la[:, 2:], lb[:, 2:])          # ...but not token 0
+    assert torch.equal(la[:, 0], lc[:, 0])            # and position 0 has nothing before it
 
 
 # -----------------------------------------------------------------------------
@@ -389,3 +489,16 @@ def test_export_cli_turns_a_saved_qwen2_checkpoint_into_a_loadable_hf_folder(tmp
         assert (model(idx) - hf(idx).logits).abs().max() <= 1e-4
     with pytest.raises(NanochatError, match="already exists"):
         main(["--checkpoint-dir", ckpt_dir, "--out-dir", str(out)])
+
+
+@pytest.mark.parametrize("extras", [dict(value_embeds=True), dict(smear=True)])
+def test_export_refuses_a_model_whose_parts_transformers_cannot_hold(tmp_path, extras):
+    from scripts.export_hf import export_model_to_hf, to_hf_state_dict
+    from nanochat.tokenizer import CharTokenizer
+    model = tiny(**extras)
+    with pytest.raises(NanochatError, match=f"cannot export a model with {next(iter(extras))}"):
+        to_hf_state_dict(model)
+    tokenizer = CharTokenizer.train_from_iterator(["abc"])
+    with pytest.raises(NanochatError, match="cannot export"):
+        export_model_to_hf(model, tokenizer, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before writing anything

@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 81
 
 
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight", "value_embeds.0.weight")  # one row per token id
 GREEK_WORDS = "καλημέρα κόσμε γάτα σκύλος θάλασσα ήλιος βιβλίο σπίτι δρόμος φίλος νερό ψωμί".split()
 
 
@@ -36,14 +37,16 @@ def scenario(tmp_path_factory):
     old_env = os.environ.get("NANOCHAT_BASE_DIR")
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     try:
-        # --- V0: an English BPE tokenizer and a base model trained a few steps on English shards
+        # --- V0: an English BPE tokenizer and a base model trained a few steps on English shards (with a
+        # value embedding: a third table of one row per token, which the extension and the freeze must follow)
         docs = random_word_docs(WORDS + ["house", "tree"])
         write_word_shards(base, docs)
         v0_tok = RustBPETokenizer.train_from_iterator(iter(docs), vocab_size=256 + 9 + 40)
         v0_tok.save(str(base / "tokenizer"))
         assert base_train.main(["--depth", "1", "--max-seq-len", "64", "--device-batch-size", "2",
                                 "--total-batch-size", "128", "--eval-tokens", "128", "--sample-every", "0",
-                                "--device", "cpu", "--num-iterations", "3", "--model-tag", "v0"]) == 0
+                                "--device", "cpu", "--num-iterations", "3", "--model-tag", "v0",
+                                "--value-embeds"]) == 0
 
         # --- extend: a Greek tokenizer's missing tokens, topped up with specials to exactly 81 new ids
         greek = RustBPETokenizer.train_from_iterator(iter(greek_docs(200, 1)), vocab_size=256 + 9 + 60)
@@ -91,7 +94,7 @@ def test_extended_checkpoint_loads_with_old_rows_copied_and_new_rows_initialised
     model, tok, meta = cm.load_model("base", "cpu", model_tag="v0-ext")
     assert tok.fingerprint == ext_tok.fingerprint and model.config.vocab_size == v0 + NEW_TOKENS
     assert meta["extended_from"]["original_vocab_size"] == v0
-    for name in ("transformer.wte.weight", "lm_head.weight"):
+    for name in VOCAB_ROWS:
         old_w, new_w = old_model.state_dict()[name], model.state_dict()[name]
         assert torch.equal(new_w[:v0], old_w[:v0])
         # a new language token starts as the mean of the byte rows that spell it
@@ -106,7 +109,7 @@ def test_training_with_freeze_keeps_old_rows_bit_identical_and_moves_new_rows(sc
     grown, _, _ = cm.load_model("base", "cpu", model_tag="v0-ext")
     trained, _, _ = cm.load_model("mid", "cpu", model_tag="v0-ext")
     assert f"rows < {v0}" in out  # mid_train said what it froze
-    for name in ("transformer.wte.weight", "lm_head.weight"):
+    for name in VOCAB_ROWS:
         assert torch.equal(trained.state_dict()[name][:v0], grown.state_dict()[name][:v0]), name
     new_rows = slice(v0, v0 + NEW_TOKENS)
     assert not torch.equal(trained.state_dict()["lm_head.weight"][new_rows], grown.state_dict()["lm_head.weight"][new_rows])
