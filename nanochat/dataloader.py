@@ -8,7 +8,10 @@ The pretraining data loader: documents -> BOS-aligned packed rows -> (inputs, ta
 - Packing (best fit): a buffer of `buffer_docs` documents; each row of T+1 tokens is filled by
   repeatedly taking the longest buffered document that still fits, so every row starts with BOS
   (each document begins with one). Only when no document fits the remaining space is one cropped
-  (the shortest, wasting least); its remainder is dropped.
+  (the shortest, wasting least) to its first token plus a window of the rest, and the tokens outside the
+  window are dropped. The window moves with the pass over the data: pass 0 takes the document's start,
+  pass e the text about e rows further on, so a long document is not the same few hundred tokens in
+  every epoch (a small model on a small corpus goes through it several times). Evaluators read pass 0.
 - Exact resume: a document is named by (epoch, group, index in group). `state_dict()` records the
   position of the next unread document and the names of the buffered ones; `load_state_dict()`
   re-reads those documents, so a resumed run produces exactly the batches an uninterrupted one would.
@@ -26,6 +29,15 @@ import torch
 from nanochat.common import NanochatError
 
 STATE_VERSION = 1
+
+
+def cropped_window(doc, size, epoch, stride):
+    """`size` tokens of a document longer than that: its first token (BOS) and the window of size - 1
+    tokens that starts epoch * stride tokens into the rest (wrapping around, never past its end)."""
+    width = size - 1
+    last_start = len(doc) - 1 - width  # >= 1: the document does not fit
+    start = (epoch * stride) % (last_start + 1)
+    return np.concatenate([doc[:1], doc[1 + start:1 + start + width]])
 
 
 # -----------------------------------------------------------------------------
@@ -271,8 +283,9 @@ class DistributedDataLoader:
                 pos += len(doc)
                 self.tokens_kept += len(doc)
             else:
+                key = self.keys[0]
                 doc = self._pop(0)  # nothing fits: crop the shortest, wasting least
-                out[pos:] = doc[:space]
+                out[pos:] = cropped_window(doc, space, epoch=key[1], stride=self.row_len - 1)
                 self.tokens_kept += space
                 self.tokens_cropped += len(doc) - space
                 pos = self.row_len

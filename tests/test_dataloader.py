@@ -169,3 +169,26 @@ def test_pretokenized_mode_refuses_shards_of_another_tokenizer_or_a_smaller_voca
         pretokenized_distributed_data_loader(out, other, other.get_vocab_size(), B=2, T=32, split="train")
     with pytest.raises(NanochatError, match="vocab size"):
         pretokenized_distributed_data_loader(out, tok, 10, B=2, T=32, split="train")
+
+
+def test_a_document_longer_than_a_row_shows_a_new_window_in_each_pass(tmp_path, monkeypatch):
+    """Pass 0 crops a long document to its start (what evaluation reads); later passes take text further
+    into it, always after the document's BOS, so several epochs are not the same few rows again."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    rng = random.Random(3)
+    docs = [f"<d{i:04d}> " + " ".join(rng.choice(WORDS) for _ in range(200)) for i in range(10)]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    dataset.write_shard(str(data_dir / dataset.shard_name(0)), docs[:8], row_group_docs=8)
+    dataset.write_shard(str(data_dir / dataset.shard_name(1)), docs[8:], row_group_docs=8)   # val
+    tok = CharTokenizer.train_from_iterator(docs)
+    bos = tok.get_bos_token_id()
+    loader = tokenizing_distributed_data_loader(tok, B=1, T=63, split="train", data_dir=str(data_dir), buffer_docs=2)
+    rows = [tuple(inputs[0].tolist()) for inputs, _ in take(loader, 32)]   # 4 passes over 8 documents
+    assert all(row[0] == bos for row in rows)
+    assert len(set(rows)) == 32                        # never the same row twice
+    starts = [row for row in rows if tok.decode(list(row[1:3])) == "<d"]
+    assert len(starts) == 8                            # each document's start once: in pass 0
+    texts = {doc: tok.encode(doc) for doc in docs[:8]}
+    for row in rows:                                   # every row is BOS + a contiguous piece of one document
+        assert any(" ".join(map(str, row[1:])) in " ".join(map(str, ids)) for ids in texts.values())
