@@ -11,7 +11,9 @@ The pretraining data loader: documents -> BOS-aligned packed rows -> (inputs, ta
   (the shortest, wasting least) to its first token plus a window of the rest, and the tokens outside the
   window are dropped. The window moves with the pass over the data: pass 0 takes the document's start,
   pass e the text about e rows further on, so a long document is not the same few hundred tokens in
-  every epoch (a small model on a small corpus goes through it several times). Evaluators read pass 0.
+  every epoch (a small model on a small corpus goes through it several times). Only the train split
+  moves its windows: the val split always crops to a document's start, whatever pass its packing
+  buffer has reached, so a validation figure means the same rows in every run.
 - Exact resume: a document is named by (epoch, group, index in group). `state_dict()` records the
   position of the next unread document and the names of the buffered ones; `load_state_dict()`
   re-reads those documents, so a resumed run produces exactly the batches an uninterrupted one would.
@@ -129,7 +131,8 @@ class DistributedDataLoader:
     """Iterate to get (inputs, targets), both (B, T) int64 on `device`; inputs[:, 0] is BOS and
     targets[:, t] == inputs[:, t+1]."""
 
-    def __init__(self, source, B, T, device="cpu", buffer_docs=256, prefetch_groups=4, resume_state=None):
+    def __init__(self, source, B, T, device="cpu", buffer_docs=256, prefetch_groups=4, resume_state=None,
+                 moving_crops=True):
         if B <= 0 or T <= 0:
             raise ValueError("B and T must be positive")
         self.source = source
@@ -137,6 +140,7 @@ class DistributedDataLoader:
         self.row_len = T + 1
         self.device = torch.device(device)
         self.buffer_docs = buffer_docs
+        self.moving_crops = moving_crops  # a cropped document's window moves with the pass (see above)
         self.prefetch_groups = prefetch_groups
         # position of the next unread document: (epoch, group k, doc j in group k)
         self.epoch, self.k, self.j = 0, 0, 0
@@ -285,7 +289,8 @@ class DistributedDataLoader:
             else:
                 key = self.keys[0]
                 doc = self._pop(0)  # nothing fits: crop the shortest, wasting least
-                out[pos:] = cropped_window(doc, space, epoch=key[1], stride=self.row_len - 1)
+                epoch = key[1] if self.moving_crops else 0
+                out[pos:] = cropped_window(doc, space, epoch=epoch, stride=self.row_len - 1)
                 self.tokens_kept += space
                 self.tokens_cropped += len(doc) - space
                 pos = self.row_len
@@ -319,7 +324,8 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", ran
                                        buffer_docs=256, num_threads=4, data_dir=None):
     """Text mode: stream the split's parquet shards and tokenize on the fly."""
     source = ParquetTextSource(tokenizer, split, rank, world_size, data_dir=data_dir, num_threads=num_threads)
-    return DistributedDataLoader(source, B, T, device=device, buffer_docs=buffer_docs, resume_state=resume_state)
+    return DistributedDataLoader(source, B, T, device=device, buffer_docs=buffer_docs, resume_state=resume_state,
+                                 moving_crops=split == "train")
 
 
 def pretokenized_distributed_data_loader(pretok_dir, tokenizer, model_vocab_size, B, T, split, device="cpu", rank=0,
@@ -330,4 +336,5 @@ def pretokenized_distributed_data_loader(pretok_dir, tokenizer, model_vocab_size
     arrays = pretokenized.load_pretokenized(pretok_dir, tokenizer.fingerprint, model_vocab_size, split=split)
     source = PretokenizedSource(arrays, tokenizer.get_bos_token_id(), rank, world_size, tokenizer.fingerprint,
                                 block_tokens=block_tokens)
-    return DistributedDataLoader(source, B, T, device=device, buffer_docs=buffer_docs, resume_state=resume_state)
+    return DistributedDataLoader(source, B, T, device=device, buffer_docs=buffer_docs, resume_state=resume_state,
+                                 moving_crops=split == "train")

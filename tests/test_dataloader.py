@@ -172,8 +172,8 @@ def test_pretokenized_mode_refuses_shards_of_another_tokenizer_or_a_smaller_voca
 
 
 def test_a_document_longer_than_a_row_shows_a_new_window_in_each_pass(tmp_path, monkeypatch):
-    """Pass 0 crops a long document to its start (what evaluation reads); later passes take text further
-    into it, always after the document's BOS, so several epochs are not the same few rows again."""
+    """Training: pass 0 crops a long document to its start, later passes take text further into it (always
+    after the document's BOS), so several epochs are not the same few rows again. Validation: always the start."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     rng = random.Random(3)
     docs = [f"<d{i:04d}> " + " ".join(rng.choice(WORDS) for _ in range(200)) for i in range(10)]
@@ -192,3 +192,8 @@ def test_a_document_longer_than_a_row_shows_a_new_window_in_each_pass(tmp_path, 
     texts = {doc: tok.encode(doc) for doc in docs[:8]}
     for row in rows:                                   # every row is BOS + a contiguous piece of one document
         assert any(" ".join(map(str, row[1:])) in " ".join(map(str, ids)) for ids in texts.values())
+    # the val split always reads each document's start: the same rows however many passes it makes
+    val = tokenizing_distributed_data_loader(tok, B=1, T=63, split="val", data_dir=str(data_dir), buffer_docs=2)
+    val_rows = [tuple(inputs[0].tolist()) for inputs, _ in take(val, 8)]   # 4 passes over 2 documents
+    assert len(set(val_rows)) == 2
+    assert all(tok.decode(list(row[1:3])) == "<d" for row in val_rows)
