@@ -176,13 +176,16 @@ else
     MID_ARGS=(--offline --device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
               --num-iterations "$MID_ITERS" --eval-every 0 --eval-steps 4)
     # SFT starts at a larger fraction of the base LRs than on GPU (0.02 is tuned for d20; a tiny model needs more)
+    # Generation budget of the evals and RL: the longest held-out answer (an arithmetic problem with five calculator
+    # calls) is 128 tokens with the CPU profile's tokenizer; a smaller budget fails such answers however right they are
+    GEN_TOKENS=160
     SFT_ARGS=(--offline --device cpu --num-iterations "$SFT_ITERS" --device-batch-size 8 --target-examples-per-step 16
               --init-lr-frac "$SFT_LR_FRAC" --eval-every 0 --eval-steps 4 --eval-metrics-every 0
-              --eval-max-problems "$(( EVAL_PROBLEMS / 5 > 1 ? EVAL_PROBLEMS / 5 : 1 ))" --eval-max-new-tokens 96)
-    MID_EVAL_ARGS=(--offline --device cpu -a "Arithmetic|SpellingBee|SimpleSpelling" -x "$(( EVAL_PROBLEMS / 2 > 1 ? EVAL_PROBLEMS / 2 : 1 ))" -m 96)
-    EVAL_ARGS=(--offline --device cpu -x "$EVAL_PROBLEMS" -m 96)
+              --eval-max-problems "$(( EVAL_PROBLEMS / 5 > 1 ? EVAL_PROBLEMS / 5 : 1 ))" --eval-max-new-tokens "$GEN_TOKENS")
+    MID_EVAL_ARGS=(--offline --device cpu -a "Arithmetic|SpellingBee|SimpleSpelling" -x "$(( EVAL_PROBLEMS / 2 > 1 ? EVAL_PROBLEMS / 2 : 1 ))" -m "$GEN_TOKENS")
+    EVAL_ARGS=(--offline --device cpu -x "$EVAL_PROBLEMS" -m "$GEN_TOKENS")
     RL_ARGS=(--offline --device cpu --num-iterations "${RL_ITERS:-20}" --examples-per-step 4 --num-samples 4
-             --device-batch-size 8 --max-new-tokens 64 --eval-every 0 --eval-examples "$EVAL_PROBLEMS" --pass-k 2)
+             --device-batch-size 8 --max-new-tokens "$GEN_TOKENS" --eval-every 0 --eval-examples "$EVAL_PROBLEMS" --pass-k 2)
 fi
 
 # --- data and tokenizer (on GPU nodes the rest of the shards download while the tokenizer trains)

@@ -7,7 +7,13 @@ logit at that position. Generative tasks (GSM8K, HumanEval, spelling, synthetic 
 sampling completions with the Engine (tool use included) and calling task.evaluate on each. Problems are
 sharded by rank (rank r of w takes r, r+w, ...) and the counts summed over ranks. ChatCORE centres each
 accuracy on its chance baseline: (acc - baseline) / (1 - baseline).
+
+A generative problem whose reference answer is longer than the token budget (--max-new-tokens) fails
+whatever the model writes: the answer is cut off before its last line. `answers_beyond_budget` counts
+them, so that an evaluation says so instead of quietly capping its own score.
 """
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -74,6 +80,21 @@ def centred_accuracy(accuracy, baseline):
 def _problem_indices(task, max_problems, rank, world_size):
     num = len(task) if max_problems is None else min(len(task), max_problems)
     return list(range(rank, num, world_size))
+
+
+def reference_answer_tokens(tokenizer, conversation):
+    """Tokens a model generates to write the conversation's final (reference) assistant answer: its text,
+    tool calls and the tool outputs the engine forces in (they count against the budget too), without
+    the closing <|assistant_end|>."""
+    ids, _ = tokenizer.render_conversation(conversation, max_tokens=sys.maxsize)
+    return len(ids) - len(tokenizer.render_for_completion(conversation)) - 1
+
+
+def answers_beyond_budget(task, tokenizer, max_new_tokens, max_problems=None):
+    """(how many, of how many, the longest): of the problems a generative eval runs, those whose
+    reference answer needs more than max_new_tokens tokens and so cannot pass."""
+    lengths = [reference_answer_tokens(tokenizer, task[i]) for i in _problem_indices(task, max_problems, 0, 1)]
+    return sum(n > max_new_tokens for n in lengths), len(lengths), max(lengths, default=0)
 
 
 def _all_reduce_counts(passed, total, device):

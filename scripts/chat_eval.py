@@ -18,8 +18,8 @@ Under torchrun the problems are sharded by rank and the counts all-reduced.
 
 import time
 
-from nanochat.chat_evaluation import (OFFLINE_TASKS, ONLINE_TASKS, build_eval_task, centred_accuracy, chance_baseline,
-                                      run_task_eval)
+from nanochat.chat_evaluation import (OFFLINE_TASKS, ONLINE_TASKS, answers_beyond_budget, build_eval_task,
+                                      centred_accuracy, chance_baseline, run_task_eval)
 from nanochat.common import (ArgumentParser, NanochatError, compute_cleanup, compute_init, format_duration, print0,
                              run_main)
 from nanochat.engine import WEIGHTS_DTYPE_HELP, WEIGHTS_DTYPES
@@ -99,6 +99,12 @@ def main(argv=None):
     for name, task in eval_tasks.items():
         t0 = time.time()
         print0(f"--- {name} ({task.eval_type}, {len(task)} problems)")
+        if task.eval_type == "generative":
+            beyond, considered, longest = answers_beyond_budget(task, tokenizer, args.max_new_tokens, args.max_problems)
+            if beyond:
+                print0(f"warning: {beyond} of {considered} {name} reference answers are longer than --max-new-tokens "
+                       f"{args.max_new_tokens} (the longest: {longest} tokens); those problems cannot pass: "
+                       f"raise -m to {longest} to score them")
         accuracy, total = run_task_eval(task, tokenizer, model, engine, settings, rank, world_size, device)
         timings[name] = time.time() - t0
         results[name] = accuracy

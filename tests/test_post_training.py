@@ -11,7 +11,7 @@ import torch
 
 import string
 
-from nanochat.chat_evaluation import run_categorical_eval
+from nanochat.chat_evaluation import answers_beyond_budget, reference_answer_tokens, run_categorical_eval
 from nanochat.conversation_loader import ConversationBatches, PackedConversations, collate_supervised
 from nanochat.policy_gradient import group_advantages, policy_gradient_loss
 from nanochat.post_training import lr_multiplier
@@ -151,6 +151,20 @@ class LetterTask(list):
         return predicted == conversation["answer"]
 
 
+def test_a_generative_eval_knows_which_reference_answers_its_token_budget_cuts_off(tokenizer):
+    # the char tokenizer: one token per character, so lengths can be counted by hand
+    answers = ["12", "#### 1234", [{"type": "text", "text": "3*4="}, {"type": "python", "text": "3*4"},
+                                   {"type": "python_output", "text": "12"}, {"type": "text", "text": "\n#### 12"}]]
+    task = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]} for a in answers]
+    # the tool call: 4 + python_start, 3, python_end + output_start, 2, output_end (forced, but generated
+    # within the budget all the same) + 8 = 21
+    assert [reference_answer_tokens(tokenizer, c) for c in task] == [2, 9, 21]
+    assert answers_beyond_budget(task, tokenizer, max_new_tokens=8) == (2, 3, 21)
+    assert answers_beyond_budget(task, tokenizer, max_new_tokens=9) == (1, 3, 21)
+    assert answers_beyond_budget(task, tokenizer, max_new_tokens=21) == (0, 3, 21)
+    assert answers_beyond_budget(task, tokenizer, max_new_tokens=8, max_problems=1) == (0, 1, 2)
+
+
 def test_categorical_eval_counts_the_letter_with_the_highest_logit_and_reports_progress(tokenizer, capsys):
     task = LetterTask({"messages": [{"role": "user", "content": f"question {i}? A or B"},
                                     {"role": "assistant", "content": answer}], "letters": ["A", "B"], "answer": answer}
@@ -235,6 +249,8 @@ def test_chat_eval_prints_accuracy_per_task_and_chatcore(pipeline):
                      "-a", "Arithmetic|SimpleSpelling|HumanEval", "-x", "3", "-m", "8")
     assert "Arithmetic accuracy:" in text and "SimpleSpelling accuracy:" in text and "HumanEval accuracy:" in text
     assert "sandbox: confined by the kernel" in text  # said once, before model-written code runs
+    # -m 8 cannot hold a worked arithmetic answer: the eval says so rather than quietly scoring it 0
+    assert "Arithmetic reference answers are longer than --max-new-tokens 8" in text
     assert "ChatCORE:" in text
     # the report card got one section per stage, and the eval section holds each task's accuracy
     import json
