@@ -175,10 +175,10 @@ else
     BASE_EVAL_ARGS=(--device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --split-tokens "$(( ROWS * 16 ))" --skip-core)
     MID_ARGS=(--offline --device cpu --device-batch-size "$DEVICE_BATCH_SIZE" --max-seq-len "$MAX_SEQ_LEN"
               --num-iterations "$MID_ITERS" --eval-every 0 --eval-steps 4)
-    # SFT starts at a larger fraction of the base LRs than on GPU (0.02 is tuned for d20; a tiny model needs more)
     # Generation budget of the evals and RL: the longest held-out answer (an arithmetic problem with five calculator
     # calls) is 128 tokens with the CPU profile's tokenizer; a smaller budget fails such answers however right they are
     GEN_TOKENS=160
+    # SFT starts at a larger fraction of the base LRs than on GPU (0.02 is tuned for d20; a tiny model needs more)
     SFT_ARGS=(--offline --device cpu --num-iterations "$SFT_ITERS" --device-batch-size 8 --target-examples-per-step 16
               --init-lr-frac "$SFT_LR_FRAC" --eval-every 0 --eval-steps 4 --eval-metrics-every 0
               --eval-max-problems "$(( EVAL_PROBLEMS / 5 > 1 ? EVAL_PROBLEMS / 5 : 1 ))" --eval-max-new-tokens "$GEN_TOKENS")

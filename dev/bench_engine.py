@@ -46,9 +46,10 @@ def build_tokenizer(vocab_size):
     return CharTokenizer.train_from_iterator(["".join(chr(0x4E00 + i) for i in range(n_chars))])
 
 
-def build_model(depth, vocab_size, device):
+def build_model(depth, vocab_size, device, **config):
+    """config: other GPTConfig fields for config_from_depth (e.g. n_embd)."""
     torch.manual_seed(0)
-    model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=2048))
+    model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=2048, **config))
     model.to(device)
     model.init_weights()
     with torch.no_grad():  # non-degenerate weights (nanochat's init zeroes the output projections)

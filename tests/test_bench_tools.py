@@ -1,7 +1,7 @@
 """
 The benchmark tools in dev/ measure what they say: the nanochat reference runs from the given
 checkout in its own process (never this repo's `nanochat`), tokens are counted the same way for
-both engines, and the chat-server and bandwidth benchmarks run end to end on tiny models.
+both engines, and the chat-server, decode-split and bandwidth benchmarks run end to end on tiny models.
 """
 
 import os
@@ -95,6 +95,14 @@ def test_bandwidth_benchmark_reports_both_weight_precisions_against_the_limit():
                    "--rounds", "1", "--new-tokens", "3", "--buffer-mb", "8")
     assert "fp32 weights:" in out and "bf16 weights:" in out and "of the bandwidth limit" in out
     assert "top-1 agreement" in out
+
+
+def test_decode_split_benchmark_separates_weight_reads_from_the_per_op_cost():
+    out = run_tool("dev.bench_decode_split", "--threads", "1", "--depth", "1", "--vocab-size", "300", "--rounds", "1",
+                   "--new-tokens", "4")
+    assert "decode step, real matrices:" in out and "16-wide matrices (per-op cost):" in out
+    assert "reading the matrices:" in out and "MB of weights read per token" in out
+    assert "sampling + host sync:" in out and "per generated token" in out
 
 
 def test_train_benchmark_without_a_reference_prints_absolute_figures_and_no_ratio():
