@@ -5,16 +5,20 @@ Why: at the sizes a CPU decodes (d4-d20, batch 1-16) a step is a handful of smal
 tiny ops, and a profile of `GPT.forward` at T=1 shows the tiny ops, module calls and the generic
 attention kernel costing as much as the matmuls (dev/BENCHMARKS.md, "Decode profile"). Inside a
 step each tiny op costs 10-25 us rather than the 2-5 us it costs in a loop of its own (the weights
-streamed by the matmuls evict its code and data from the caches), so the count of ops is what this
-file minimises. It computes what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, on 2-D (B, C)
+streamed by the matmuls evict its code and data from the caches, and the matmuls' second OpenMP
+thread spins meanwhile on a core that may share the first one's execution units: a spinning sibling
+slowed a tiny op by ~55% on our 2-vCPU VM), so the count of ops is what this file minimises. It computes what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, on 2-D (B, C)
 activations:
 - RMSNorm in 3 ops: rms_norm(x) = sqrt(C) * x / hypot(||x||, sqrt(C * eps)); the constant sqrt(C)
   is folded into the prepared copy of the matrix that reads the normalised x (DecodeWeights);
 - the embedding's RMSNorm precomputed once per weights (a normalised copy of the table);
 - the stacked q/k/v weight; QK-norm on q and k together, then rotary as one (D, D) matmul whose
   matrices are built for a block of positions at once (RotaryMatrices);
-- keys/values written straight into the preallocated cache, attention of the single query by SDPA
-  over the cached prefix (grouped-query heads by a view, never a copy);
+- keys/values written straight into the preallocated cache (one index_copy_ each), attention of the
+  single query by SDPA over the cached prefix (grouped-query heads by a view, never a copy);
+- the matmuls write into buffers made once per cache, with the views the step reads them through
+  (q, k, v heads, the query groups) made there too (StepBuffers): no view, split or allocation per
+  step for them, which took a d4 step from 131 ops to 97;
 - ReLU² and the residual adds in place; the 1/softcap of the logits folded into the head's copy;
 - matrices laid out for x @ W on small models;
 - a model's value embeddings and smear (GPTConfig) as the forward applies them, their gates reading
@@ -125,19 +129,25 @@ class DecodeWeights:
 
 
 def matmul(prepared, x, w):
-    """x (N, in) times a prepared matrix -> (N, out) in x's dtype (a reduced-precision copy
-    multiplies in its own dtype)."""
-    if prepared.transposed:
-        return torch.mm(x, w)
+    """x (N, in) times a prepared matrix -> a new (N, out) tensor (a reduced-precision copy
+    multiplies in its own dtype, and so does its result)."""
     if w.dtype != x.dtype:
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
-    return F.linear(x, w)
+        return F.linear(x.to(w.dtype), w)
+    return torch.mm(x, w if prepared.transposed else w.t())
+
+
+def matmul_into(prepared, x, w, out):
+    """out (N, out) = x (N, in) times a prepared matrix, in out's dtype (a reduced-precision copy
+    multiplies in its own dtype)."""
+    if w.dtype != x.dtype:
+        return out.copy_(F.linear(x.to(w.dtype), w))
+    return torch.mm(x, w if prepared.transposed else w.t(), out=out)
 
 
 def add_matmul_(prepared, out, x, w):
     """out += x @ (prepared matrix), in one op where the dtypes agree (the residual adds)."""
     if w.dtype != out.dtype:
-        return out.add_(matmul(prepared, x, w))
+        return out.add_(F.linear(x.to(w.dtype), w))
     return out.addmm_(x, w if prepared.transposed else w.t())
 
 
@@ -188,9 +198,45 @@ class RotaryMatrices:
 # -----------------------------------------------------------------------------
 # The step
 
+class StepBuffers:
+    """The outputs a step writes, allocated once per cache (and batch size) with every view the step
+    reads them through made here, so that the step itself runs no view, split or allocation for them
+    (each such op costs a few microseconds, and a step at d4 is ~90 ops). One set serves every layer:
+    a layer has consumed its q/k/v and hidden activations before the next one overwrites them.
+    Rebuilt when the cache's tensors change (Engine drops finished rows with KVCache.keep_rows)."""
+
+    def __init__(self, cfg, cache):
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        k, B = cache.k, cache.batch_size
+        self.owner = k
+        self.keys, self.values = cache.k.unbind(0), cache.v.unbind(0)  # per layer (B, Hkv, T_max, D)
+        empty = lambda *shape: torch.empty(shape, dtype=k.dtype, device=k.device)  # noqa: E731
+        self.qkv = empty(B, (H + 2 * Hkv) * D)               # x @ w_qkv: q, k, v heads side by side
+        heads = self.qkv.view(B, H + 2 * Hkv, D)
+        self.qk = heads[:, :H + Hkv]                          # (B, H+Hkv, D), QK-normed into:
+        self.qk_normed = empty(B * (H + Hkv), D)
+        self.qk_normed_heads = self.qk_normed.view(B, H + Hkv, D)
+        self.qk_norms = empty(B, H + Hkv, 1)
+        self.v_new = heads[:, H + Hkv:].unsqueeze(2)          # (B, Hkv, 1, D)
+        self.rotated = empty(B * (H + Hkv), D)                # qk_normed @ rotation
+        rotated = self.rotated.view(B, H + Hkv, D)
+        # the rep = H / Hkv query heads sharing a key/value head are rep "queries" of that head
+        self.q = rotated[:, :H].view(B, Hkv, H // Hkv, D)
+        self.k_new = rotated[:, H:].unsqueeze(2)              # (B, Hkv, 1, D)
+        self.hidden = empty(B, cfg.intermediate_size)         # the MLP's activations
+        self.pos = torch.zeros(1, dtype=torch.long, device=k.device)  # where this step's k/v go
+
+    @classmethod
+    def of(cls, cfg, cache):
+        buffers = getattr(cache, "step_buffers", None)
+        if buffers is None or buffers.owner is not cache.k:
+            buffers = cache.step_buffers = cls(cfg, cache)
+        return buffers
+
+
 def _scaled_rms(x, root_k_eps):
     """rms_norm(x) / sqrt(K) over the last dim K, in 3 ops: x / hypot(||x||, sqrt(K * eps))."""
-    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), root_k_eps)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).hypot_(root_k_eps)
 
 
 def _smear(x, cache, gate_w, lam):
@@ -218,21 +264,27 @@ def decode_step(model, prepared, ids, cache):
         raise NanochatError(f"KV cache overflow: {pos + 1} positions into a cache of {cache.max_len}")
     c = prepared.consts
     dtype = cache.k.dtype
+    buf = StepBuffers.of(cfg, cache)
     if dtype == torch.float32:
-        # norm_in(x): what a matmul reads (its matrix may carry the sqrt(C)); qk_norm: QK-norm / sqrt(D),
-        # whose sqrt(D) the rotation matrix carries
+        # norm_in(x): what a matmul reads (its matrix may carry the sqrt(C)); QK-norm / sqrt(D), whose
+        # sqrt(D) the rotation matrix carries, is written into buf.qk_normed
         if prepared.folded:
             norm_in = lambda t: _scaled_rms(t, c["root_c_eps"])  # noqa: E731
         else:
             norm_in = lambda t: _scaled_rms(t, c["root_c_eps"]).mul_(c["root_c"])  # noqa: E731
-        qk_norm = lambda t: _scaled_rms(t, c["root_d_eps"])  # noqa: E731
+
+        def qk_norm():
+            norms = torch.linalg.vector_norm(buf.qk, dim=-1, keepdim=True, out=buf.qk_norms)
+            torch.div(buf.qk, norms.hypot_(c["root_d_eps"]), out=buf.qk_normed_heads)
         rotation = prepared.rotary.at(pos, dtype, D ** 0.5)
     else:  # reduced precision: torch's rms_norm, which normalises in fp32 as GPT.forward does
         if prepared.folded:
             raise ValueError("weights prepared for an fp32 model cannot decode a cache of another dtype")
-        norm_in = qk_norm = lambda t: F.rms_norm(t, (t.size(-1),), eps=cfg.rms_eps)  # noqa: E731
+        norm_in = lambda t: F.rms_norm(t, (t.size(-1),), eps=cfg.rms_eps)  # noqa: E731
+
+        def qk_norm():
+            buf.qk_normed_heads.copy_(F.rms_norm(buf.qk, (D,), eps=cfg.rms_eps))
         rotation = prepared.rotary.at(pos, dtype, 1.0)
-    mm = lambda x, w: matmul(prepared, x, w)  # noqa: E731
 
     if prepared.embed is not None:
         x = F.embedding(ids, prepared.embed)  # (B, C), already RMS-normalised
@@ -240,26 +292,27 @@ def decode_step(model, prepared, ids, cache):
         x = F.rms_norm(F.embedding(ids, model.transformer.wte.weight).to(dtype), (cfg.n_embd,), eps=cfg.rms_eps)
     if prepared.smear is not None:
         x = _smear(x, cache, *prepared.smear)
-    keys_all, values_all = cache.k.unbind(0), cache.v.unbind(0)  # per layer (B, Hkv, T_max, D)
+    buf.pos.fill_(pos)
     for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(prepared.layers):
         xn = norm_in(x)
-        qk, v = mm(xn, w_qkv).view(B, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=1)
+        matmul_into(prepared, xn, w_qkv, buf.qkv)
+        # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
+        qk_norm()
+        torch.mm(buf.qk_normed, rotation, out=buf.rotated)
+        v = buf.v_new
         if prepared.value_embeds[i] is not None:
             table, gate_w = prepared.value_embeds[i]
             gate = torch.sigmoid(F.linear(xn[:, :gate_w.size(1)], gate_w.to(xn.dtype))).mul_(2)  # (B, Hkv)
-            v = v + gate.unsqueeze(-1) * F.embedding(ids, table).to(v.dtype).view(B, Hkv, D)
-        # QK-norm commutes with the rotation (a rotation keeps norms): normalise, then rotate
-        q, k = torch.mm(qk_norm(qk).view(-1, D), rotation).view(B, H + Hkv, D).split([H, Hkv], dim=1)
-        layer_k, layer_v = keys_all[i], values_all[i]
-        layer_k.select(2, pos).copy_(k)
-        layer_v.select(2, pos).copy_(v)
-        keys, values = layer_k.narrow(2, 0, pos + 1), layer_v.narrow(2, 0, pos + 1)
-        # the rep = H / Hkv query heads sharing a key/value head are rep "queries" of that head
-        y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values).view(B, H * D)
-        add_matmul_(prepared, x, y, w_o)
-        add_matmul_(prepared, x, mm(norm_in(x), w_fc).relu_().square_(), w_proj)
+            v = torch.addcmul(v, gate.view(B, Hkv, 1, 1), F.embedding(ids, table).to(dtype).view(B, Hkv, 1, D))
+        keys, values = buf.keys[i], buf.values[i]
+        keys.index_copy_(2, buf.pos, buf.k_new)
+        values.index_copy_(2, buf.pos, v)
+        y = F.scaled_dot_product_attention(buf.q, keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1))
+        add_matmul_(prepared, x, y.view(B, H * D), w_o)
+        matmul_into(prepared, norm_in(x), w_fc, buf.hidden)
+        add_matmul_(prepared, x, buf.hidden.relu_().square_(), w_proj)
     cache.pos = pos + 1
-    logits = mm(norm_in(x), prepared.head).float()
+    logits = matmul(prepared, norm_in(x), prepared.head).float()
     if cfg.softcap > 0:  # softcap * tanh(logits / softcap); a folded head already divided
         if not prepared.folded:
             logits.div_(c["softcap"])

@@ -2,8 +2,8 @@
 The flat one-token decode step (nanochat/fast_decode.py) computes what GPT.forward computes with
 a KV cache: the same logits and the same cached keys/values, step after step, at any batch size,
 with grouped-query heads, with or without its transposed weight copy, across the blocks of rotation
-matrices, with value embeddings and smear; bf16 weights stay close; a changed weight is picked up; a full cache is refused with the
-cache's own error.
+matrices, with value embeddings and smear, after finished rows leave the batch; bf16 weights stay
+close; a changed weight is picked up; a full cache is refused with the cache's own error.
 """
 
 import math
@@ -142,6 +142,27 @@ def test_decoding_across_rotary_blocks_still_equals_the_plain_forward():
             expected = model(ids.view(-1, 1), kv_cache=plain)[:, -1, :]
             got = fast_decode.decode_step(model, prepared, ids, fast)
             assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("extras", [{}, dict(value_embeds=True, smear=True)])
+def test_dropping_finished_rows_mid_generation_keeps_decoding_the_remaining_rows_exactly(extras):
+    # the step writes through buffers made for the cache's tensors: keep_rows replaces them
+    model = random_model(n_kv_head=2, **extras)
+    plain, fast = prefilled_caches(model, batch=3, prompt_len=5)
+    prepared = fast_decode.DecodeWeights(model).get()
+    with torch.inference_mode():
+        for ids in ([3, 4, 5], [6, 7, 8], "drop row 1", [9, 10], [11, 12]):
+            if ids == "drop row 1":
+                for cache in (plain, fast):
+                    cache.keep_rows(torch.tensor([0, 2]))
+                continue
+            ids = torch.tensor(ids)
+            expected = model(ids.view(-1, 1), kv_cache=plain)[:, -1, :]
+            got = fast_decode.decode_step(model, prepared, ids, fast)
+            assert (got - expected).abs().max().item() < 1e-4
+    n = plain.pos
+    assert fast.k.size(1) == 2 and (fast.k[:, :, :, :n] - plain.k[:, :, :, :n]).abs().max().item() < 1e-5
+    assert (fast.v[:, :, :, :n] - plain.v[:, :, :, :n]).abs().max().item() < 1e-5
 
 
 def test_rotation_matrices_rotate_as_apply_rotary_does_at_any_position_even_after_eviction():
