@@ -38,6 +38,7 @@ class KVCache:
         self.v = None
         self.pos = 0   # number of positions already written (the rotary offset of the next token)
         self.prev_embed = None  # (B, 1, C): the last position's embedding, for a model with smear
+        self.step_buffers = None  # fast_decode.StepBuffers: a one-token step's outputs, made for k/v
 
     @property
     def batch_size(self):

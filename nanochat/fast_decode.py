@@ -7,8 +7,8 @@ attention kernel costing as much as the matmuls (dev/BENCHMARKS.md, "Decode prof
 step each tiny op costs 10-25 us rather than the 2-5 us it costs in a loop of its own (the weights
 streamed by the matmuls evict its code and data from the caches, and the matmuls' second OpenMP
 thread spins meanwhile on a core that may share the first one's execution units: a spinning sibling
-slowed a tiny op by ~55% on our 2-vCPU VM), so the count of ops is what this file minimises. It computes what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, on 2-D (B, C)
-activations:
+slowed a tiny op by ~55% on our 2-vCPU VM), so the count of ops is what this file minimises. It
+computes what `GPT.forward(ids (B, 1), kv_cache)[:, -1]` computes, on 2-D (B, C) activations:
 - RMSNorm in 3 ops: rms_norm(x) = sqrt(C) * x / hypot(||x||, sqrt(C * eps)); the constant sqrt(C)
   is folded into the prepared copy of the matrix that reads the normalised x (DecodeWeights);
 - the embedding's RMSNorm precomputed once per weights (a normalised copy of the table);
@@ -201,7 +201,7 @@ class RotaryMatrices:
 class StepBuffers:
     """The outputs a step writes, allocated once per cache (and batch size) with every view the step
     reads them through made here, so that the step itself runs no view, split or allocation for them
-    (each such op costs a few microseconds, and a step at d4 is ~90 ops). One set serves every layer:
+    (each such op costs a few microseconds, and a step at d4 is ~100 ops). One set serves every layer:
     a layer has consumed its q/k/v and hidden activations before the next one overwrites them.
     Rebuilt when the cache's tensors change (Engine drops finished rows with KVCache.keep_rows)."""
 
@@ -228,7 +228,7 @@ class StepBuffers:
 
     @classmethod
     def of(cls, cfg, cache):
-        buffers = getattr(cache, "step_buffers", None)
+        buffers = cache.step_buffers
         if buffers is None or buffers.owner is not cache.k:
             buffers = cache.step_buffers = cls(cfg, cache)
         return buffers
